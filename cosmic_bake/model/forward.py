@@ -1,0 +1,124 @@
+"""Batched forward passes that record only what selection needs, and run only the layers it needs.
+
+Two savings over running the whole model each time, both exact:
+
+* ``stop_after=j``: layers after ``j`` are swapped for a pass-through, so a score that reads
+  block outputs up to layer ``j`` does not pay for the rest of the model.
+* ``replay``: layers before ``start`` return their recorded baseline outputs instead of being
+  computed; an intervention that first acts at the input of block ``start`` cannot change them.
+
+The logits are computed for the last position only (``logits_to_keep=1``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from cosmic_bake.model.architecture import Architecture
+
+
+class _PassThrough(nn.Module):
+    """Stands in for a decoder layer: returns its input, or a recorded output when given one."""
+
+    def __init__(self, original: nn.Module, recorded: torch.Tensor | None = None) -> None:
+        super().__init__()
+        self.recorded = recorded
+        for attr in ("attention_type", "layer_idx", "is_sliding", "sliding_window"):
+            if hasattr(original, attr):
+                setattr(self, attr, getattr(original, attr))
+
+    def forward(self, hidden_states: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        # A clone: the next block's pre-hook edits its input in place.
+        return hidden_states if self.recorded is None else self.recorded.clone()
+
+
+@contextlib.contextmanager
+def swapped_layers(
+    arch: Architecture, *, stop_after: int | None = None, replay: dict[int, torch.Tensor] | None = None
+) -> Iterator[None]:
+    """Temporarily replace layers after ``stop_after`` and the ``replay`` ones by pass-throughs."""
+    saved = list(arch.layers)
+    try:
+        for j, layer in enumerate(saved):
+            if replay is not None and j in replay:
+                arch.layers[j] = _PassThrough(layer, replay[j])
+            elif stop_after is not None and j > stop_after:
+                arch.layers[j] = _PassThrough(layer)
+        yield
+    finally:
+        for j, layer in enumerate(saved):
+            arch.layers[j] = layer
+
+
+@dataclass
+class Recorded:
+    """What one forward pass recorded, all float32/64 on CPU."""
+
+    inputs: torch.Tensor | None = None  # block inputs at the last P positions [B, L, P, d]
+    full_inputs: list[torch.Tensor] = field(default_factory=list)  # block inputs, whole sequence
+    outputs: torch.Tensor | None = None  # block outputs at the last token [B, k, d], k = len(layers)
+    logits: torch.Tensor | None = None  # last-position logits [B, vocab]
+
+
+def forward(
+    model: nn.Module,
+    arch: Architecture,
+    batch: dict[str, torch.Tensor],
+    *,
+    input_positions: int = 0,
+    keep_full_inputs: bool = False,
+    output_layers: list[int] | None = None,
+    logits: bool = False,
+    stop_after: int | None = None,
+    replay: dict[int, torch.Tensor] | None = None,
+) -> Recorded:
+    """Run one batch and record block inputs, block outputs and/or last-position logits.
+
+    ``output_layers`` lists the ``j`` whose block output ``o_j`` is read at the last token; the
+    last layer's output is read after the final norm (as ``hidden_states[L]`` is in
+    transformers). Outputs are read after the forward ends, so in-place edits made later by
+    intervention hooks at the next block's input are included, as in the reference code.
+    """
+    n = arch.n_layers
+    rec = Recorded()
+    inputs: list[torch.Tensor | None] = [None] * n
+    outs: dict[int, torch.Tensor] = {}
+    handles = []
+    if stop_after is None and not logits and output_layers:
+        stop_after = max(output_layers)
+    with swapped_layers(arch, stop_after=None if logits else stop_after, replay=replay):
+        try:
+            if input_positions or keep_full_inputs:
+                for j in range(n):
+
+                    def pre(_m, args, kwargs, j=j):
+                        x = args[0] if args else kwargs["hidden_states"]
+                        inputs[j] = x.detach().clone() if keep_full_inputs else x[:, -input_positions:, :].double()
+
+                    handles.append(arch.layers[j].register_forward_pre_hook(pre, with_kwargs=True))
+            for j in output_layers or []:
+                module = arch.final_norm if j == n - 1 else arch.layers[j]
+
+                def post(_m, _a, output, j=j):
+                    outs[j] = output[0] if isinstance(output, tuple) else output
+
+                handles.append(module.register_forward_hook(post))
+            with torch.no_grad():
+                result = model(**batch, use_cache=False, logits_to_keep=1)
+        finally:
+            for h in handles:
+                h.remove()
+    if input_positions:
+        rec.inputs = torch.stack(inputs, dim=1) if not keep_full_inputs else None
+    if keep_full_inputs:
+        rec.full_inputs = inputs  # type: ignore[assignment]
+    if output_layers:
+        rec.outputs = torch.stack([outs[j][:, -1, :] for j in output_layers], dim=1)
+    if logits:
+        rec.logits = result.logits[:, -1, :].detach()
+    return rec

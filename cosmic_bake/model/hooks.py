@@ -1,0 +1,179 @@
+"""Runtime interventions (spec section 5) as PyTorch hooks, usable as a context manager.
+
+    with intervene(model, arch, Intervention.remove(r)):
+        model.generate(...)
+
+Edits are made in place on the hooked tensor, as the reference code does: transformers keeps a
+reference to each block's output, so an edit at the input of block ``l`` is also what a reader of
+block ``l - 1``'s output sees. COSMIC's scores were defined with that behaviour.
+
+For models with norms after the writers (Gemma 2/3), removal acts on the writer's output before
+the norm, along ``u = g * r_hat`` (``g`` the norm's gain): the normalised output is then
+orthogonal to ``r_hat``, which is exactly what the baked weights do (spec section 6).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import torch
+
+from cosmic_bake.errors import CosmicBakeError
+from cosmic_bake.math.projections import unit
+from cosmic_bake.model.architecture import Architecture
+
+KINDS = ("remove", "add", "affine")
+
+
+@dataclass(frozen=True)
+class Intervention:
+    """One edit of the residual stream.
+
+    ``remove``: at every block input and every writer output, ``x <- x - (x . r_hat) r_hat``.
+    ``add``: at the input of block ``layer`` only, ``x <- x + alpha * r``.
+    ``affine``: at the input of block ``layer``, ``x <- x - (x . r_hat) r_hat + (mu . r_hat) r_hat
+    + alpha * r`` (ACE; ``mu`` the harmless mean, the reference point).
+    """
+
+    kind: str
+    direction: torch.Tensor
+    layer: int | None = None
+    alpha: float = 1.0
+    reference: torch.Tensor | None = None
+
+    def __post_init__(self) -> None:
+        if self.kind not in KINDS:
+            raise CosmicBakeError(f"unknown intervention '{self.kind}'", f"use one of {', '.join(KINDS)}")
+        if self.kind != "remove" and self.layer is None:
+            raise CosmicBakeError(f"the '{self.kind}' intervention needs a layer", "pass the layer of the direction")
+        if self.kind == "affine" and self.reference is None:
+            raise CosmicBakeError("the affine intervention needs the harmless reference point", "use a direction artifact from select")
+
+    @classmethod
+    def remove(cls, r: torch.Tensor) -> Intervention:
+        return cls("remove", r)
+
+    @classmethod
+    def add(cls, r: torch.Tensor, layer: int, alpha: float = 1.0) -> Intervention:
+        return cls("add", r, layer, alpha)
+
+    @classmethod
+    def affine(cls, r: torch.Tensor, mu: torch.Tensor, layer: int, alpha: float = 0.0) -> Intervention:
+        return cls("affine", r, layer, alpha, mu)
+
+
+def _hidden(args: tuple, kwargs: dict) -> torch.Tensor:
+    return args[0] if args else kwargs["hidden_states"]
+
+
+def _output_tensor(output) -> torch.Tensor:
+    return output[0] if isinstance(output, tuple) else output
+
+
+class _Cast:
+    """A float64 vector handed out in whatever dtype/device the activation has, cast once."""
+
+    def __init__(self, v: torch.Tensor) -> None:
+        self.v = v
+        self.cache: dict[tuple, torch.Tensor] = {}
+
+    def like(self, x: torch.Tensor) -> torch.Tensor:
+        key = (x.dtype, x.device)
+        if key not in self.cache:
+            self.cache[key] = self.v.to(dtype=x.dtype, device=x.device)
+        return self.cache[key]
+
+
+def _remove_pre(r_hat: _Cast):
+    def hook(_module, args, kwargs):
+        x = _hidden(args, kwargs)
+        d = r_hat.like(x)
+        x -= (x @ d).unsqueeze(-1) * d
+
+    return hook
+
+
+def _remove_out(r_hat: _Cast):
+    def hook(_module, _args, output):
+        x = _output_tensor(output)
+        d = r_hat.like(x)
+        x -= (x @ d).unsqueeze(-1) * d
+        return output
+
+    return hook
+
+
+def _add_pre(vector: _Cast):
+    def hook(_module, args, kwargs):
+        x = _hidden(args, kwargs)
+        x += vector.like(x)
+
+    return hook
+
+
+def _affine_pre(r_hat: _Cast, target: _Cast):
+    def hook(_module, args, kwargs):
+        x = _hidden(args, kwargs)
+        d = r_hat.like(x)
+        x -= (x @ d).unsqueeze(-1) * d
+        x += target.like(x)
+
+    return hook
+
+
+def writer_directions(arch: Architecture, r_hat: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Per block, the unit vectors removed from (attention, MLP) outputs.
+
+    ``r_hat`` itself, or ``unit(g * r_hat)`` where a norm with gain ``g`` follows the writer.
+    """
+    out = []
+    for b in arch.blocks:
+        pair = []
+        for norm in (b.attn_post_norm, b.mlp_post_norm):
+            pair.append(r_hat if norm is None else unit(arch.norm_gain(norm) * r_hat))
+        out.append((pair[0], pair[1]))
+    return out
+
+
+def register(arch: Architecture, iv: Intervention) -> list[torch.utils.hooks.RemovableHandle]:
+    """Register the hooks for ``iv``; the caller removes the returned handles."""
+    r = iv.direction.detach().to(torch.float64)
+    if r.shape != (arch.d_model,):
+        raise CosmicBakeError(
+            f"direction has shape {tuple(r.shape)} but the model's hidden size is {arch.d_model}",
+            "use a direction selected on this model",
+        )
+    r_hat = unit(r)
+    handles = []
+    if iv.kind == "remove":
+        cast = _Cast(r_hat)
+        for b, (u_attn, u_mlp) in zip(arch.blocks, writer_directions(arch, r_hat)):
+            handles.append(b.block.register_forward_pre_hook(_remove_pre(cast), with_kwargs=True))
+            handles.append(b.attn.register_forward_hook(_remove_out(cast if u_attn is r_hat else _Cast(u_attn))))
+            handles.append(b.mlp.register_forward_hook(_remove_out(cast if u_mlp is r_hat else _Cast(u_mlp))))
+        return handles
+    if not 0 <= iv.layer < arch.n_layers:
+        raise CosmicBakeError(f"layer {iv.layer} is out of range for a {arch.n_layers}-layer model", "use a direction selected on this model")
+    block = arch.blocks[iv.layer].block
+    if iv.kind == "add":
+        handles.append(block.register_forward_pre_hook(_add_pre(_Cast(iv.alpha * r)), with_kwargs=True))
+    else:
+        mu = iv.reference.detach().to(torch.float64)
+        target = (mu @ r_hat) * r_hat + iv.alpha * r
+        handles.append(block.register_forward_pre_hook(_affine_pre(_Cast(r_hat), _Cast(target)), with_kwargs=True))
+    return handles
+
+
+@contextlib.contextmanager
+def intervene(arch: Architecture, *interventions: Intervention) -> Iterator[None]:
+    """Apply interventions for the duration of the ``with`` block (nothing if none given)."""
+    handles = []
+    try:
+        for iv in interventions:
+            handles += register(arch, iv)
+        yield
+    finally:
+        for h in handles:
+            h.remove()
