@@ -15,5 +15,14 @@ T = TypeVar("T")
 def progress(items: Iterable[T], desc: str, total: int | None = None) -> Iterator[T]:
     """Wrap ``items`` in a bar; ``COSMIC_BAKE_QUIET=1`` hides it."""
     disable = os.environ.get("COSMIC_BAKE_QUIET") == "1"
-    return iter(tqdm(items, desc=desc, total=total, file=sys.stderr, disable=disable, dynamic_ncols=True,
-                     mininterval=1.0 if not sys.stderr.isatty() else 0.1))
+    return iter(
+        tqdm(
+            items,
+            desc=desc,
+            total=total,
+            file=sys.stderr,
+            disable=disable,
+            dynamic_ncols=True,
+            mininterval=1.0 if not sys.stderr.isatty() else 0.1,
+        )
+    )

@@ -124,7 +124,9 @@ def _run(model, arch, batches: Batches, iv: Intervention, *, layers=None, logits
     with intervene(arch, iv):
         for b, batch in enumerate(batches.encoded):
             replay = _replay(base, b, iv.layer, arch.n_layers) if (single and base is not None) else None
-            rec: Recorded = forward(model, arch, batch, output_layers=layers, logits=logits, stop_after=stop, replay=replay)
+            rec: Recorded = forward(
+                model, arch, batch, output_layers=layers, logits=logits, stop_after=stop, replay=replay
+            )
             if layers:
                 outs.append(rec.outputs)
             if logits:
@@ -153,8 +155,9 @@ def _stop_layer(iv: Intervention, eval_layers: list[int], n_layers: int) -> int:
     return min(stop, n_layers - 1)
 
 
-def score_cosmic(model, arch, cands: Candidates, harmful_val: Batches, harmless_val: Batches,
-                 eval_layers: list[int], mode: str) -> ScoreGrid:
+def score_cosmic(
+    model, arch, cands: Candidates, harmful_val: Batches, harmless_val: Batches, eval_layers: list[int], mode: str
+) -> ScoreGrid:
     """S_comply, S_refuse and KL for every candidate (spec section 3)."""
     P, L = cands.n_positions, arch.n_layers
     base_harmful = _baseline(model, arch, harmful_val, eval_layers, keep_inputs=mode == "affine")
@@ -167,11 +170,25 @@ def score_cosmic(model, arch, cands: Candidates, harmful_val: Batches, harmless_
     grid = [(i, layer) for i in range(P) for layer in range(L)]
     for i, layer in progress(grid, "scoring candidates", total=len(grid)):
         iv_c, iv_r = _interventions(mode, cands, i, layer)
-        out_c, _ = _run(model, arch, harmful_val, iv_c, layers=eval_layers,
-                        stop=_stop_layer(iv_c, eval_layers, L), base=base_harmful)
+        out_c, _ = _run(
+            model,
+            arch,
+            harmful_val,
+            iv_c,
+            layers=eval_layers,
+            stop=_stop_layer(iv_c, eval_layers, L),
+            base=base_harmful,
+        )
         _, lg = _run(model, arch, harmless_val, iv_c, logits=True, base=base_harmless)
-        out_r, _ = _run(model, arch, harmless_val, iv_r, layers=eval_layers,
-                        stop=_stop_layer(iv_r, eval_layers, L), base=base_harmless)
+        out_r, _ = _run(
+            model,
+            arch,
+            harmless_val,
+            iv_r,
+            layers=eval_layers,
+            stop=_stop_layer(iv_r, eval_layers, L),
+            base=base_harmless,
+        )
         comply[i, layer] = S.pooled_cosine(out_c, b_minus)
         refuse[i, layer] = S.pooled_cosine(out_r, b_plus)
         kl[i, layer] = float(S.kl_divergence(base_logits, torch.cat(lg)).mean())
@@ -195,8 +212,9 @@ def refusal_log_odds(logits: torch.Tensor, token_ids: list[int], eps: float = 1e
     return torch.log(p + eps) - torch.log(1 - p + eps)
 
 
-def score_refusal(model, arch, tokenizer, cands: Candidates, harmful_val: Batches, harmless_val: Batches,
-                  mode: str) -> ScoreGrid:
+def score_refusal(
+    model, arch, tokenizer, cands: Candidates, harmful_val: Batches, harmless_val: Batches, mode: str
+) -> ScoreGrid:
     """The refusal-token baseline: refusal score under removal, steering score under addition."""
     P, L = cands.n_positions, arch.n_layers
     ids = refusal_token_ids(tokenizer)
@@ -283,8 +301,12 @@ class Selection:
 def _no_survivor(grid: ScoreGrid, verdicts, total: torch.Tensor) -> CosmicBakeError:
     P = grid.first.shape[0]
     flat = sorted(
-        ((float(total[i, layer]), i - P, layer, verdicts[i][layer].reason)
-         for i in range(P) for layer in range(grid.first.shape[1]) if not math.isnan(float(total[i, layer]))),
+        (
+            (float(total[i, layer]), i - P, layer, verdicts[i][layer].reason)
+            for i in range(P)
+            for layer in range(grid.first.shape[1])
+            if not math.isnan(float(total[i, layer]))
+        ),
         reverse=True,
     )[:3]
     best = "; ".join(f"({p}, {layer}) score {s:.3f} removed by {why}" for s, p, layer, why in flat)
@@ -294,9 +316,21 @@ def _no_survivor(grid: ScoreGrid, verdicts, total: torch.Tensor) -> CosmicBakeEr
     )
 
 
-def select(model, arch: Architecture, fmt: ChatFormat, *, harmful_train: list[str], harmless_train: list[str],
-           harmful_val: list[str], harmless_val: list[str], mode: str = "ablate", selector: str = "cosmic",
-           batch_size: int = 32, kl_threshold: float = 0.1, eval_layers: list[int] | None = None) -> Selection:
+def select(
+    model,
+    arch: Architecture,
+    fmt: ChatFormat,
+    *,
+    harmful_train: list[str],
+    harmless_train: list[str],
+    harmful_val: list[str],
+    harmless_val: list[str],
+    mode: str = "ablate",
+    selector: str = "cosmic",
+    batch_size: int = 32,
+    kl_threshold: float = 0.1,
+    eval_layers: list[int] | None = None,
+) -> Selection:
     """Run the whole selection; raises :class:`CosmicBakeError` if no candidate survives."""
     if mode not in MODES:
         raise CosmicBakeError(f"unknown mode '{mode}'", f"use one of {', '.join(MODES)}")
@@ -304,9 +338,15 @@ def select(model, arch: Architecture, fmt: ChatFormat, *, harmful_train: list[st
         raise CosmicBakeError(f"unknown selector '{selector}'", f"use one of {', '.join(SELECTORS)}")
     timings: dict[str, float] = {}
     t = time.perf_counter()
-    sets = {name: Batches.make(fmt, prompts, batch_size) for name, prompts in
-            (("harmful_train", harmful_train), ("harmless_train", harmless_train),
-             ("harmful_val", harmful_val), ("harmless_val", harmless_val))}
+    sets = {
+        name: Batches.make(fmt, prompts, batch_size)
+        for name, prompts in (
+            ("harmful_train", harmful_train),
+            ("harmless_train", harmless_train),
+            ("harmful_val", harmful_val),
+            ("harmless_val", harmless_val),
+        )
+    }
     timings["tokenize"] = time.perf_counter() - t
     t = time.perf_counter()
     cands = collect_candidates(model, arch, fmt, sets["harmful_train"], sets["harmless_train"])
@@ -327,7 +367,14 @@ def select(model, arch: Architecture, fmt: ChatFormat, *, harmful_train: list[st
         raise _no_survivor(grid, verdicts, total)
     P = cands.n_positions
     return Selection(
-        mode=mode, selector=selector, candidates=cands, grid=grid, verdicts=verdicts, eval_layers=list(layers),
-        chosen=(pick[0] - P, pick[1]), suffix_tokens=fmt.suffix_tokens(), timings=timings,
+        mode=mode,
+        selector=selector,
+        candidates=cands,
+        grid=grid,
+        verdicts=verdicts,
+        eval_layers=list(layers),
+        chosen=(pick[0] - P, pick[1]),
+        suffix_tokens=fmt.suffix_tokens(),
+        timings=timings,
         counts={k: len(v.prompts) for k, v in sets.items()},
     )

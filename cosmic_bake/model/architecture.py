@@ -198,8 +198,18 @@ def probe(model: nn.Module) -> Architecture:
     blocks: list[BlockParts] = []
     for index, block in enumerate(layers):
         children = dict(block.named_children())
-        attn = next((m for n, m in children.items() if "attention" in type(m).__name__.lower() or n in ("self_attn", "attn")), None)
-        mlp = next((m for n, m in children.items() if m is not attn and any(h in n.lower() or h in type(m).__name__.lower() for h in _MLP_HINTS)), None)
+        attn = next(
+            (m for n, m in children.items() if "attention" in type(m).__name__.lower() or n in ("self_attn", "attn")),
+            None,
+        )
+        mlp = next(
+            (
+                m
+                for n, m in children.items()
+                if m is not attn and any(h in n.lower() or h in type(m).__name__.lower() for h in _MLP_HINTS)
+            ),
+            None,
+        )
         missing = [what for what, mod in (("attention", attn), ("MLP", mlp)) if mod is None]
         if missing:
             raise CosmicBakeError(

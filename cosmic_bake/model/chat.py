@@ -86,9 +86,7 @@ class ChatFormat:
         texts = [self.render(i) for i in instructions]
         # Chat templates already write the special tokens they need (BOS included); adding
         # them again would double BOS. Plain format strings get the tokenizer's usual specials.
-        batch = self.tokenizer(
-            texts, padding=True, return_tensors="pt", add_special_tokens=not self.uses_chat_template
-        )
+        batch = self.tokenizer(texts, padding=True, return_tensors="pt", add_special_tokens=not self.uses_chat_template)
         return {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
 
     def _suffix_ids(self) -> list[int]:
@@ -100,9 +98,7 @@ class ChatFormat:
                 "check --chat-template: it must place the instruction in the prompt",
             )
         end += len(_SENTINEL)
-        enc = self.tokenizer(
-            text, add_special_tokens=not self.uses_chat_template, return_offsets_mapping=True
-        )
+        enc = self.tokenizer(text, add_special_tokens=not self.uses_chat_template, return_offsets_mapping=True)
         ids, offsets = enc["input_ids"], enc["offset_mapping"]
         start = next((k for k, (a, _b) in enumerate(offsets) if a >= end), len(ids))
         suffix = ids[start:]
@@ -125,7 +121,7 @@ class ChatFormat:
     def check_suffix(self, input_ids: torch.Tensor) -> None:
         """Every row must end with the same post-instruction tokens, or positions mean nothing."""
         want = torch.tensor(self.suffix_ids)
-        bad = [k for k in range(input_ids.shape[0]) if not torch.equal(input_ids[k, -len(want):], want)]
+        bad = [k for k in range(input_ids.shape[0]) if not torch.equal(input_ids[k, -len(want) :], want)]
         if bad:
             raise CosmicBakeError(
                 f"{len(bad)} prompt(s) do not end with the template's post-instruction tokens (first: row {bad[0]})",

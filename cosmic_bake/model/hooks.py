@@ -49,7 +49,9 @@ class Intervention:
         if self.kind != "remove" and self.layer is None:
             raise CosmicBakeError(f"the '{self.kind}' intervention needs a layer", "pass the layer of the direction")
         if self.kind == "affine" and self.reference is None:
-            raise CosmicBakeError("the affine intervention needs the harmless reference point", "use a direction artifact from select")
+            raise CosmicBakeError(
+                "the affine intervention needs the harmless reference point", "use a direction artifact from select"
+            )
 
     @classmethod
     def remove(cls, r: torch.Tensor) -> Intervention:
@@ -155,7 +157,10 @@ def register(arch: Architecture, iv: Intervention) -> list[torch.utils.hooks.Rem
             handles.append(b.mlp.register_forward_hook(_remove_out(cast if u_mlp is r_hat else _Cast(u_mlp))))
         return handles
     if not 0 <= iv.layer < arch.n_layers:
-        raise CosmicBakeError(f"layer {iv.layer} is out of range for a {arch.n_layers}-layer model", "use a direction selected on this model")
+        raise CosmicBakeError(
+            f"layer {iv.layer} is out of range for a {arch.n_layers}-layer model",
+            "use a direction selected on this model",
+        )
     block = arch.blocks[iv.layer].block
     if iv.kind == "add":
         handles.append(block.register_forward_pre_hook(_add_pre(_Cast(iv.alpha * r)), with_kwargs=True))

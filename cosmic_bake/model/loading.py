@@ -131,7 +131,8 @@ def _plain_from_gguf(path: Path, dtype: torch.dtype) -> torch.nn.Module:
     missing = [k for k in missing if not (k == "lm_head.weight" and config.tie_word_embeddings)]
     if missing or unexpected:
         raise CosmicBakeError(
-            f"GGUF {path.name} did not map onto {type(plain).__name__}: missing {missing[:3]}, unexpected {unexpected[:3]}",
+            f"GGUF {path.name} did not map onto {type(plain).__name__}: "
+            f"missing {missing[:3]}, unexpected {unexpected[:3]}",
             "this GGUF architecture is not supported by transformers' GGUF reader",
         )
     if config.tie_word_embeddings:

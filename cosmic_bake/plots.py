@@ -1,0 +1,68 @@
+"""PNG plots of what people look at: layer similarities and the per-candidate score grids."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import torch  # noqa: E402
+
+
+def plot_layer_similarities(sims: torch.Tensor, eval_layers: list[int], path: Path, title: str = "") -> Path:
+    """cos(mean harmful, mean harmless) of block outputs per layer; L_low marked."""
+    fig, ax = plt.subplots(figsize=(8, 4))
+    xs = list(range(len(sims)))
+    ax.plot(xs, [float(s) for s in sims], marker="o", ms=3, label="cos(harmful mean, harmless mean)")
+    ax.scatter(
+        eval_layers, [float(sims[j]) for j in eval_layers], color="red", zorder=3, label="evaluation layers (L_low)"
+    )
+    ax.set_xlabel("layer (block output)")
+    ax.set_ylabel("cosine similarity")
+    ax.set_title(title or "Harmful vs harmless block outputs, last token")
+    ax.grid(alpha=0.3)
+    ax.legend(loc="lower left")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def plot_score_grids(
+    grids: dict[str, torch.Tensor], chosen: tuple[int, int], labels: list[str], path: Path, title: str = ""
+) -> Path:
+    """One panel per score: a line per candidate position across layers, the choice starred."""
+    fig, axes = plt.subplots(1, len(grids), figsize=(5.2 * len(grids), 4.2), squeeze=False)
+    n_pos = next(iter(grids.values())).shape[0]
+    for ax, (name, grid) in zip(axes[0], grids.items()):
+        for i in range(n_pos):
+            label = f"{i - n_pos}: {labels[i]!r}" if i < len(labels) else str(i - n_pos)
+            ax.plot(range(grid.shape[1]), grid[i].tolist(), marker=".", ms=3, label=label)
+        pos, layer = chosen
+        ax.scatter([layer], [float(grid[pos, layer])], marker="*", s=180, color="black", zorder=4, label="chosen")
+        ax.set_title(name)
+        ax.set_xlabel("layer of the candidate")
+        ax.grid(alpha=0.3)
+    axes[0][0].legend(fontsize=7, loc="best")
+    fig.suptitle(title or "Candidate scores")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def plot_metric_sweep(xs: list[float], series: dict[str, list[float]], path: Path, xlabel: str, title: str) -> Path:
+    """A line per metric against a swept parameter (alpha sweeps)."""
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for name, ys in series.items():
+        ax.plot(xs, ys, marker="o", label=name)
+    ax.set_xlabel(xlabel)
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path

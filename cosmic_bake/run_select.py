@@ -1,0 +1,128 @@
+"""Write a selection as a run folder: direction, scores, plots and manifest, atomically."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+from cosmic_bake.artifacts import DIRECTION_FILE, SELECTION_FILE, Direction
+from cosmic_bake.outputs import atomic_dir, manifest, source_record, write_json
+from cosmic_bake.plots import plot_layer_similarities, plot_score_grids
+from cosmic_bake.select import Selection, select
+
+
+def model_hash(source_rec: dict) -> str:
+    """One hash naming the source model: of its files' hashes, in name order."""
+    from cosmic_bake.outputs import sha256_bytes
+
+    files = source_rec.get("files") or {}
+    if not files:
+        return f"hub:{source_rec.get('hub_id')}@{source_rec.get('revision') or 'main'}"
+    return sha256_bytes("".join(f"{k}:{v};" for k, v in sorted(files.items())).encode())
+
+
+def selection_record(sel: Selection) -> dict:
+    """The content of ``selection.json``."""
+    pos, layer = sel.chosen
+    P = sel.candidates.n_positions
+    chosen_scores = {
+        name: float(t[pos + P, layer])
+        for name, t in zip(sel.grid.names, (sel.grid.first, sel.grid.second, sel.grid.kl))
+    }
+    return {
+        "selector": sel.selector,
+        "mode": sel.mode,
+        "chosen": {"position": pos, "layer": layer},
+        "chosen_scores": chosen_scores,
+        "eval_layers": sel.eval_layers,
+        "layer_similarities": [float(s) for s in sel.candidates.similarities],
+        "positions": {str(i - P): tok for i, tok in enumerate(sel.suffix_tokens)},
+        "prompt_counts": sel.counts,
+        "timings": sel.timings,
+        "candidates": sel.rows(),
+    }
+
+
+def run_select(
+    lm,
+    arch,
+    fmt,
+    sets: dict[str, list[str]],
+    out: Path,
+    *,
+    mode: str,
+    selector: str,
+    batch_size: int,
+    kl_threshold: float,
+    force: bool,
+    settings: dict,
+) -> dict:
+    """Select, then write ``out`` (nothing is written if selection fails)."""
+    t0 = time.perf_counter()
+    sel = select(
+        lm.model,
+        arch,
+        fmt,
+        harmful_train=sets["harmful train"],
+        harmless_train=sets["harmless train"],
+        harmful_val=sets["harmful val"],
+        harmless_val=sets["harmless val"],
+        mode=mode,
+        selector=selector,
+        batch_size=batch_size,
+        kl_threshold=kl_threshold,
+    )
+    t = time.perf_counter()
+    src = source_record(lm.source)
+    record = selection_record(sel)
+    record["settings"] = {**settings, "batch_size": batch_size, "kl_threshold": kl_threshold}
+    pos, layer = sel.chosen
+    direction = Direction(
+        direction=sel.direction,
+        reference=sel.reference,
+        layer=layer,
+        position=pos,
+        mode=mode,
+        selector=selector,
+        alpha=0.0 if mode == "affine" else 1.0,
+        model_id=lm.source.spec,
+        model_hash=model_hash(src),
+    )
+    with atomic_dir(out, force=force) as tmp:
+        direction.save(tmp)
+        plot_layer_similarities(
+            sel.candidates.similarities,
+            sel.eval_layers,
+            tmp / "layer_similarities.png",
+            f"{lm.source.spec}: harmful vs harmless, last token",
+        )
+        grids = dict(zip(sel.grid.names, (sel.grid.first, sel.grid.second, sel.grid.kl)))
+        plot_score_grids(
+            grids,
+            (pos + sel.candidates.n_positions, layer),
+            sel.suffix_tokens,
+            tmp / "scores.png",
+            f"{selector} scores ({mode}) for {lm.source.spec}",
+        )
+        record["timings"]["write"] = time.perf_counter() - t
+        record["timings"]["total"] = time.perf_counter() - t0
+        write_json(tmp / SELECTION_FILE, record)
+        manifest(
+            tmp,
+            stage="select",
+            source=src,
+            extra={
+                "direction": {
+                    "file": DIRECTION_FILE,
+                    "sha256_float64": direction.digest,
+                    "layer": layer,
+                    "position": pos,
+                    "mode": mode,
+                    "selector": selector,
+                    "alpha": direction.alpha,
+                },
+                "scores": record["chosen_scores"],
+                "settings": record["settings"],
+            },
+        )
+    return record
