@@ -107,7 +107,7 @@ def _baseline(model, arch, batches: Batches, layers: list[int], keep_inputs: boo
         outs.append(rec.outputs)
         logits.append(rec.logits)
         inputs.append(rec.full_inputs)
-    return _Baseline(torch.cat(outs), logits, inputs)
+    return _Baseline(torch.cat(outs) if layers else torch.empty(0), logits, inputs)
 
 
 def _replay(base: _Baseline, b: int, layer: int, n_layers: int) -> dict[int, torch.Tensor] | None:
