@@ -43,20 +43,22 @@ def _load(model: str, dtype: str, chat_template: str | None, system_prompt: str 
     return lm, arch, fmt
 
 
-def _prompt_sets(harmful, harmless, harmful_val, harmless_val, column, limit):
+def _prompt_sets(harmful, harmless, harmful_val, harmless_val, column, limit, limit_val):
     from cosmic_bake.prompts import load_prompts, require_count, split_holdout
 
     sets = {}
-    hf = load_prompts(harmful, column, limit=limit)
-    hl = load_prompts(harmless, column, limit=limit)
+    hf = load_prompts(harmful, column)
+    hl = load_prompts(harmless, column)
     if harmful_val is None:
         hf, hf_val = split_holdout(hf)
     else:
-        hf_val = load_prompts(harmful_val, column, limit=limit)
+        hf_val = load_prompts(harmful_val, column)
     if harmless_val is None:
         hl, hl_val = split_holdout(hl)
     else:
-        hl_val = load_prompts(harmless_val, column, limit=limit)
+        hl_val = load_prompts(harmless_val, column)
+    hf, hl = hf[:limit], hl[:limit]
+    hf_val, hl_val = hf_val[:limit_val], hl_val[:limit_val]
     for name, prompts, minimum in (
         ("harmful train", hf, 4),
         ("harmless train", hl, 4),
@@ -107,7 +109,8 @@ def models_cmd() -> None:
 @click.option("--harmful-val", default=None, help="Harmful validation prompts (default: hold out 20% of --harmful).")
 @click.option("--harmless-val", default=None, help="Harmless validation prompts (default: hold out 20% of --harmless).")
 @click.option("--column", default=None, help="Column holding the prompt in csv/parquet/json/Hub sets.")
-@click.option("--limit", default=None, type=click.IntRange(1), help="Use at most N prompts of each set.")
+@click.option("--limit", default=None, type=click.IntRange(1), help="Use at most N prompts of each training set.")
+@click.option("--limit-val", default=None, type=click.IntRange(1), help="Use at most N prompts of each validation set.")
 @click.option("--kl-threshold", default=0.1, show_default=True, type=float)
 @click.option("--force", is_flag=True, help="Replace an existing output folder.")
 @_common
@@ -122,6 +125,7 @@ def select_cmd(
     harmless_val,
     column,
     limit,
+    limit_val,
     kl_threshold,
     force,
     chat_template,
@@ -134,7 +138,7 @@ def select_cmd(
     from cosmic_bake.run_select import run_select
 
     check_target(out, force=force)
-    sets = _prompt_sets(harmful, harmless, harmful_val, harmless_val, column, limit)
+    sets = _prompt_sets(harmful, harmless, harmful_val, harmless_val, column, limit, limit_val)
     lm, arch, fmt = _load(model, dtype, chat_template, system_prompt)
     result = run_select(
         lm,
@@ -157,6 +161,7 @@ def select_cmd(
             "harmless_val": harmless_val,
             "column": column,
             "limit": limit,
+            "limit_val": limit_val,
         },
     )
     pos, layer = result["chosen"]["position"], result["chosen"]["layer"]
@@ -187,6 +192,11 @@ def select_cmd(
 @click.option("--limit-harmful", default=None, type=click.IntRange(1))
 @click.option("--limit-harmless", default=100, show_default=True, type=click.IntRange(1))
 @click.option("--max-new-tokens", default=64, show_default=True, type=click.IntRange(1))
+@click.option(
+    "--kl-against",
+    default=None,
+    help="Unedited model to measure harmless KL against (for evaluating a baked model; same tokenizer).",
+)
 @click.option("-o", "--output", "out", default=None, type=click.Path(path_type=Path), help="JSON report to write.")
 @click.option("--force", is_flag=True)
 @_common
@@ -201,6 +211,7 @@ def eval_cmd(
     limit_harmful,
     limit_harmless,
     max_new_tokens,
+    kl_against,
     out,
     force,
     chat_template,
@@ -208,7 +219,10 @@ def eval_cmd(
     dtype,
     batch_size,
 ) -> None:
-    """Refusal rates on harmful and harmless prompts, and harmless first-token KL."""
+    """Refusal rates on harmful and harmless prompts, and harmless first-token KL.
+
+    KL is against the same model without the hook, or against --kl-against (for a baked model).
+    """
     from cosmic_bake.artifacts import Direction
     from cosmic_bake.evaluate import evaluate
     from cosmic_bake.model.hooks import Intervention
@@ -222,6 +236,13 @@ def eval_cmd(
         raise CosmicBakeError(f"--intervention {kind} needs a direction", "pass --direction RUN_DIR")
     bad = load_prompts(harmful, column, limit=limit_harmful)
     good = load_prompts(harmless, column, limit=limit_harmless)
+    base_logits = None
+    if kl_against is not None:
+        from cosmic_bake.evaluate import first_token_logits
+
+        ref_lm, _, ref_fmt = _load(kl_against, dtype, chat_template, system_prompt)
+        base_logits = first_token_logits(ref_lm.model, ref_fmt, good, min(batch_size, 32))
+        del ref_lm
     lm, arch, fmt = _load(model, dtype, chat_template, system_prompt)
     iv = None
     if kind != "none":
@@ -241,20 +262,15 @@ def eval_cmd(
         intervention=iv,
         max_new_tokens=max_new_tokens,
         batch_size=min(batch_size, 32),
+        base_logits=base_logits,
     )
     summary = rep.summary()
     click.echo(f"eval of {model} with intervention '{kind}'")
     _echo_kv(
         [
-            (
-                "harmful refusal",
-                _rate(rep.harmful_refusal_rate, rep.n_harmful),
-            ),
-            (
-                "harmless refusal",
-                _rate(rep.harmless_refusal_rate, rep.n_harmless),
-            ),
-            ("harmless KL", "n/a" if rep.harmless_kl is None else f"{rep.harmless_kl:.4f}"),
+            ("harmful refusal", _rate(rep.harmful_refusal_rate, rep.n_harmful)),
+            ("harmless refusal", _rate(rep.harmless_refusal_rate, rep.n_harmless)),
+            ("harmless KL", f"{rep.harmless_kl:.4f}" + (" (vs --kl-against)" if kl_against else "")),
             ("new tokens", rep.new_tokens),
             ("seconds", f"{rep.seconds:.1f}"),
         ]
@@ -270,6 +286,17 @@ def eval_cmd(
         click.echo(f"  written           {out}")
     else:
         click.echo(json.dumps(summary))
+
+
+def _register_stage_commands() -> None:
+    """bake / verify live in their own module; the group is the one entry point."""
+    from cosmic_bake.cli_bake import bake_cmd, verify_cmd
+
+    cli.add_command(bake_cmd)
+    cli.add_command(verify_cmd)
+
+
+_register_stage_commands()
 
 
 def main() -> None:

@@ -111,7 +111,7 @@ class EvalReport:
 
     harmful_refusal_rate: float
     harmless_refusal_rate: float
-    harmless_kl: float | None
+    harmless_kl: float
     n_harmful: int
     n_harmless: int
     new_tokens: int
@@ -141,16 +141,16 @@ def evaluate(
     judge = judge or (lambda _instruction, response: is_refusal(response))
     t = time.perf_counter()
     ivs = (intervention,) if intervention is not None else ()
-    kl = None
-    if intervention is not None or base_logits is not None:
+    kl = 0.0
+    if intervention is not None:
         if base_logits is None:
             base_logits = first_token_logits(model, fmt, harmless, batch_size)
         with intervene(arch, *ivs):
             edited = first_token_logits(model, fmt, harmless, batch_size)
         kl = float(kl_divergence(base_logits, edited).mean())
-    elif intervention is None:
-        kl = 0.0
-    with intervene(arch, *ivs) if ivs else _null():
+    elif base_logits is not None:
+        kl = float(kl_divergence(base_logits, first_token_logits(model, fmt, harmless, batch_size)).mean())
+    with intervene(arch, *ivs):
         bad = generate(model, fmt, harmful, max_new_tokens=max_new_tokens, batch_size=batch_size, desc="harmful")
         good = generate(model, fmt, harmless, max_new_tokens=max_new_tokens, batch_size=batch_size, desc="harmless")
     refused_bad = [judge(p, r) for p, r in zip(bad.prompts, bad.responses)]
@@ -174,11 +174,3 @@ def evaluate(
             ],
         },
     )
-
-
-class _null:
-    def __enter__(self):
-        return None
-
-    def __exit__(self, *a):
-        return False

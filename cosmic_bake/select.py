@@ -143,16 +143,9 @@ def _interventions(mode: str, cands: Candidates, i: int, layer: int) -> tuple[In
     return Intervention.affine(r, mu, layer, 0.0), Intervention.affine(r, mu, layer, 1.0)
 
 
-def _stop_layer(iv: Intervention, eval_layers: list[int], n_layers: int) -> int:
-    """Last layer that must really run so eval-layer outputs match a full forward exactly.
-
-    One past the last eval layer, since the next block's input edit is made in place on it; and
-    at least the intervention's own layer, for the same reason.
-    """
-    stop = max(eval_layers) + 1
-    if iv.layer is not None:
-        stop = max(stop, iv.layer)
-    return min(stop, n_layers - 1)
+def _stop_layer(eval_layers: list[int]) -> int:
+    """The pass may end after the last eval layer's block (at the next block's input hooks)."""
+    return max(eval_layers)
 
 
 def score_cosmic(
@@ -176,7 +169,7 @@ def score_cosmic(
             harmful_val,
             iv_c,
             layers=eval_layers,
-            stop=_stop_layer(iv_c, eval_layers, L),
+            stop=_stop_layer(eval_layers),
             base=base_harmful,
         )
         _, lg = _run(model, arch, harmless_val, iv_c, logits=True, base=base_harmless)
@@ -186,12 +179,12 @@ def score_cosmic(
             harmless_val,
             iv_r,
             layers=eval_layers,
-            stop=_stop_layer(iv_r, eval_layers, L),
+            stop=_stop_layer(eval_layers),
             base=base_harmless,
         )
         comply[i, layer] = S.pooled_cosine(out_c, b_minus)
         refuse[i, layer] = S.pooled_cosine(out_r, b_plus)
-        kl[i, layer] = float(S.kl_divergence(base_logits, torch.cat(lg)).mean())
+        kl[i, layer] = float(S.smoothed_kl(base_logits, torch.cat(lg)).mean())
     return ScoreGrid(("s_comply", "s_refuse", "kl"), comply, refuse, kl)
 
 
@@ -231,7 +224,7 @@ def score_refusal(
         _, lg_s = _run(model, arch, harmless_val, iv_r, logits=True, base=base_harmless)
         bypass[i, layer] = float(refusal_log_odds(torch.cat(lg_h), ids).mean())
         steer[i, layer] = float(refusal_log_odds(torch.cat(lg_s), ids).mean())
-        kl[i, layer] = float(S.kl_divergence(base_logits, torch.cat(lg_k)).mean())
+        kl[i, layer] = float(S.smoothed_kl(base_logits, torch.cat(lg_k)).mean())
     return ScoreGrid(("refusal_score", "steering_score", "kl"), bypass, steer, kl)
 
 

@@ -31,7 +31,7 @@ def _run(args: list[str]):
 
 
 def _select_args(model: Path, out: Path, *extra: str) -> list[str]:
-    return ["select", str(model), "-o", str(out), "--limit", "24", "--kl-threshold", "1e9", *extra]
+    return ["select", str(model), "-o", str(out), "--limit", "24", "--limit-val", "6", "--kl-threshold", "1e9", *extra]
 
 
 def test_select_writes_a_complete_run(tiny_model_factory, tmp_path):

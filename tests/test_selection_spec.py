@@ -110,8 +110,9 @@ def _slow_reference(model, tok, fmt, post_norm_gains):
             h, _ = _hidden(model, enc["vf"], pres, posts)
             comply[i, layer] = float(pooled(h) @ b_minus)
             _, lg = _hidden(model, enc["vl"], pres, posts)
-            lp, lq = base_logits.double().log_softmax(-1), lg.double().log_softmax(-1)
-            kl[i, layer] = float((lp.exp() * (lp - lq)).sum(-1).mean())
+            # the reference code's KL: sum p (log(p + 1e-6) - log(q + 1e-6)), float64
+            p, q = base_logits.double().softmax(-1), lg.double().softmax(-1)
+            kl[i, layer] = float((p * ((p + 1e-6).log() - (q + 1e-6).log())).sum(-1).mean())
             vec = r[i, layer]
 
             def add(_m, a, k, vec=vec):

@@ -49,3 +49,43 @@ def project_out_rows(weight: torch.Tensor, r_hat: torch.Tensor) -> torch.Tensor:
 def project_out_cols(weight: torch.Tensor, r_hat: torch.Tensor) -> torch.Tensor:
     """``E (I - r_hat r_hat^T)`` for an embedding ``E`` of shape ``[vocab, d]``."""
     return weight - torch.outer(weight @ r_hat, r_hat)
+
+
+# In-place, blockwise forms for baking large weights: float64 math on one block of rows at a time,
+# stored back in the weight's own dtype. Blocks of 64K elements (512 KiB of float64) stay in cache
+# and are reused by the allocator; whole-tensor float64 copies cost more in fresh-page faults than
+# in arithmetic (measured: 0.2 s vs 3 s for a 151936 x 896 embedding).
+BLOCK_ELEMENTS = 1 << 16
+
+
+def _row_step(n_cols: int, block_elements: int) -> int:
+    return max(1, block_elements // max(1, n_cols))
+
+
+def project_out_rows_(weight: torch.Tensor, r_hat: torch.Tensor, block_elements: int = BLOCK_ELEMENTS) -> torch.Tensor:
+    """In place ``W <- (I - r_hat r_hat^T) W`` for a contiguous ``W [d, *]``, computed in float64.
+
+    Two passes over contiguous row blocks: ``c = r_hat^T W`` accumulated in float64, then
+    ``W[i] <- W[i] - r_hat[i] c``. Same result as :func:`project_out_rows` up to float64 rounding.
+    """
+    flat = weight.view(weight.shape[0], -1)
+    r = r_hat.to(torch.float64)
+    step = _row_step(flat.shape[1], block_elements)
+    c = torch.zeros(flat.shape[1], dtype=torch.float64)
+    for a in range(0, flat.shape[0], step):
+        c += r[a : a + step] @ flat[a : a + step].double()
+    for a in range(0, flat.shape[0], step):
+        block = flat[a : a + step]
+        block.copy_(block.double() - torch.outer(r[a : a + step], c))
+    return weight
+
+
+def project_out_cols_(weight: torch.Tensor, r_hat: torch.Tensor, block_elements: int = BLOCK_ELEMENTS) -> torch.Tensor:
+    """In place ``E <- E (I - r_hat r_hat^T)`` for a contiguous ``E [n, d]``, computed in float64 row blocks."""
+    flat = weight.view(-1, weight.shape[-1])
+    r = r_hat.to(torch.float64)
+    step = _row_step(flat.shape[1], block_elements)
+    for a in range(0, flat.shape[0], step):
+        block = flat[a : a + step]
+        block.copy_(project_out_cols(block.double(), r))
+    return weight

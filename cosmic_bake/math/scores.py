@@ -58,6 +58,18 @@ def kl_divergence(logits_p: torch.Tensor, logits_q: torch.Tensor) -> torch.Tenso
     return (lp.exp() * (lp - lq)).sum(dim=-1)
 
 
+def smoothed_kl(logits_p: torch.Tensor, logits_q: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
+    """The selection KL of the COSMIC and Arditi et al. code: ``sum p (log(p + eps) - log(q + eps))``.
+
+    Used for the candidates' KL score and its 0.1 filter so that scores and choices match the
+    reference implementation (the ``eps`` caps the contribution of tokens the edited model rules
+    out, which changes large KLs noticeably). Reports of a finished edit use :func:`kl_divergence`.
+    """
+    p = torch.softmax(logits_p.double(), dim=-1)
+    q = torch.softmax(logits_q.double(), dim=-1)
+    return (p * (torch.log(p + eps) - torch.log(q + eps))).sum(dim=-1)
+
+
 def layer_cutoff(n_layers: int) -> int:
     """Candidates with ``layer >= floor(0.8 * L)`` are dropped (integer form of the spec's rule)."""
     return (4 * n_layers) // 5

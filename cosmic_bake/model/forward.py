@@ -1,13 +1,14 @@
 """Batched forward passes that record only what selection needs, and run only the layers it needs.
 
-Two savings over running the whole model each time, both exact:
+Three savings over running the whole model each time, all exact:
 
-* ``stop_after=j``: layers after ``j`` are swapped for a pass-through, so a score that reads
-  block outputs up to layer ``j`` does not pay for the rest of the model.
+* ``stop_after=j``: the pass ends at the input of block ``j + 1`` (after that block's
+  intervention hooks have run, so in-place edits of ``o_j`` are seen), so a score that reads
+  block outputs up to layer ``j`` pays neither for the rest of the model nor for the LM head.
 * ``replay``: layers before ``start`` return their recorded baseline outputs instead of being
   computed; an intervention that first acts at the input of block ``start`` cannot change them.
-
-The logits are computed for the last position only (``logits_to_keep=1``).
+* The logits are computed for the last position only (``logits_to_keep=1``), and not at all
+  when nobody reads them.
 """
 
 from __future__ import annotations
@@ -38,21 +39,24 @@ class _PassThrough(nn.Module):
 
 
 @contextlib.contextmanager
-def swapped_layers(
-    arch: Architecture, *, stop_after: int | None = None, replay: dict[int, torch.Tensor] | None = None
-) -> Iterator[None]:
-    """Temporarily replace layers after ``stop_after`` and the ``replay`` ones by pass-throughs."""
+def replayed_layers(arch: Architecture, replay: dict[int, torch.Tensor] | None) -> Iterator[None]:
+    """Temporarily replace the ``replay`` layers by pass-throughs returning recorded outputs."""
     saved = list(arch.layers)
     try:
-        for j, layer in enumerate(saved):
-            if replay is not None and j in replay:
-                arch.layers[j] = _PassThrough(layer, replay[j])
-            elif stop_after is not None and j > stop_after:
-                arch.layers[j] = _PassThrough(layer)
+        for j in replay or {}:
+            arch.layers[j] = _PassThrough(saved[j], replay[j])
         yield
     finally:
         for j, layer in enumerate(saved):
             arch.layers[j] = layer
+
+
+class _Stop(Exception):
+    """Raised at the input of the first block nobody needs, to end a pass early."""
+
+
+def _stop(_module, _args, _kwargs):
+    raise _Stop
 
 
 @dataclass
@@ -91,7 +95,10 @@ def forward(
     handles = []
     if stop_after is None and not logits and output_layers:
         stop_after = max(output_layers)
-    with swapped_layers(arch, stop_after=None if logits else stop_after, replay=replay):
+    if logits or keep_full_inputs:
+        stop_after = None
+    result = None
+    with replayed_layers(arch, replay):
         try:
             if input_positions or keep_full_inputs:
                 for j in range(n):
@@ -108,8 +115,16 @@ def forward(
                     outs[j] = output[0] if isinstance(output, tuple) else output
 
                 handles.append(module.register_forward_hook(post))
+            if stop_after is not None and stop_after + 1 < n:
+                # Registered last, so the block's own intervention hooks have already run.
+                handles.append(arch.layers[stop_after + 1].register_forward_pre_hook(_stop, with_kwargs=True))
             with torch.no_grad():
-                result = model(**batch, use_cache=False, logits_to_keep=1)
+                if logits:
+                    result = model(**batch, use_cache=False, logits_to_keep=1)
+                else:
+                    (model.get_decoder() if hasattr(model, "get_decoder") else model)(**batch, use_cache=False)
+        except _Stop:
+            pass
         finally:
             for h in handles:
                 h.remove()
