@@ -1,0 +1,186 @@
+"""``bake`` and ``verify`` commands: options in, pipeline stages out; no math here.
+
+Registered by ``cli.py`` (``cli.add_command(bake_cmd)``, ``cli.add_command(verify_cmd)``).
+``verify`` exits with status 1 when the baked model is outside tolerance, so scripts and CI can
+gate on it; user errors raise :class:`CosmicBakeError` (exit status 2 through ``cli.main``).
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import click
+
+from cosmic_bake.errors import CosmicBakeError
+
+VERIFY_DEFAULT_SETS = ("builtin:harmless", "builtin:harmful")
+VERIFY_DEFAULT_LIMIT = 16
+
+
+def source_folder(spec: str):
+    """``(ModelSource, folder)``: the safetensors folder to bake for a model spec.
+
+    A folder is itself; a GGUF file (or builtin) is dequantized once into the float32 cache that
+    ``load_model`` uses too (``source.extra_folder``); a Hub id is fetched into the Hub cache.
+    """
+    import torch
+
+    from cosmic_bake.model.loading import dequantized_cache, resolve
+
+    source = resolve(spec)
+    if source.kind == "folder":
+        return source, source.path
+    if source.kind == "gguf":
+        try:
+            source.extra_folder = dequantized_cache(source.path, torch.float32)
+        except CosmicBakeError:
+            raise
+        except Exception as err:  # noqa: BLE001 - any reader failure becomes one line
+            raise CosmicBakeError(
+                f"could not read GGUF file {source.path}: {str(err).splitlines()[0] if str(err) else err!r}",
+                "check the file is a complete GGUF model (re-download a truncated file)",
+            ) from err
+        return source, source.extra_folder
+    return source, _hub_snapshot(source)
+
+
+def _hub_snapshot(source) -> Path:
+    """Download (or find in the Hub cache) the files baking needs: safetensors, configs, tokenizer."""
+    from huggingface_hub import snapshot_download
+
+    try:
+        path = snapshot_download(
+            source.hub_id,
+            revision=source.revision,
+            allow_patterns=["*.safetensors", "*.json", "*.jinja", "*.txt", "*.model", "*.tiktoken"],
+        )
+    except Exception as err:  # noqa: BLE001 - network / auth / missing repo become one line
+        raise CosmicBakeError(
+            f"could not fetch {source.hub_id} from the Hub: {str(err).splitlines()[0] if str(err) else err!r}",
+            "download the model to a folder and pass that folder",
+        ) from err
+    return Path(path)
+
+
+def _table(rows: list[tuple[str, str]]) -> None:
+    width = max(len(k) for k, _ in rows)
+    for k, v in rows:
+        click.echo(f"  {k.ljust(width)}  {v}")
+
+
+@click.command("bake")
+@click.argument("model")
+@click.option(
+    "--direction", "run_dir", required=True, type=click.Path(path_type=Path), help="RUN_DIR written by select."
+)
+@click.option(
+    "--format", "out_format", type=click.Choice(["hf", "gguf"]), default="hf", show_default=True, help="Output format."
+)
+@click.option("-o", "--output", "out", required=True, type=click.Path(path_type=Path), help="Folder to write.")
+@click.option(
+    "--embeddings",
+    type=click.Choice(["untie", "skip"]),
+    default="untie",
+    show_default=True,
+    help="Edit the token embedding (untying a tied output head), or leave it alone (differs from the hook).",
+)
+@click.option("--force", is_flag=True, help="Replace an existing output folder.")
+@click.option("--max-shard-size", default=None, help="Reshard the output (e.g. 2GB); default: the source's shards.")
+@click.option("--allow-mismatch", is_flag=True, help="Bake a direction selected on a different model file.")
+def bake_cmd(model, run_dir, out_format, out, embeddings, force, max_shard_size, allow_mismatch) -> None:
+    """Bake the refusal direction of RUN_DIR into MODEL's weights; write a loadable model folder."""
+    from cosmic_bake.bake import bake_folder
+    from cosmic_bake.outputs import check_target
+
+    if out_format == "gguf":
+        raise CosmicBakeError(
+            "GGUF export is not available yet",
+            "use --format hf, then convert the folder with llama.cpp's convert_hf_to_gguf.py",
+        )
+    check_target(out, force=force)
+    source, folder = source_folder(model)
+    report = bake_folder(
+        folder,
+        run_dir,
+        out,
+        embeddings=embeddings,
+        force=force,
+        max_shard_size=max_shard_size,
+        allow_mismatch=allow_mismatch,
+        source=source,
+    )
+    click.echo(f"baked {model} ({report.model_type}, {report.n_layers} layers, d={report.d_model})")
+    edits = ", ".join(f"{n} {k}" for k, n in sorted(report.edits.items()))
+    _table(
+        [
+            ("direction", f"layer {report.layer}, position {report.position}, sha256 {report.direction_digest[:12]}"),
+            ("writers", f"{len(report.writers)} residual writers, embeddings: {len(report.embeddings_edited)}"),
+            ("tensors", edits),
+            ("embeddings", embeddings + (" (output head untied)" if report.untied else "")),
+            ("files", ", ".join(report.files)),
+            ("seconds", f"{report.timings.get('total', 0.0):.1f}"),
+            ("written", str(out)),
+        ]
+    )
+    for warning in report.warnings:
+        click.echo(f"warning: {warning}", err=True)
+
+
+def _verify_prompts(prompts_file: str | None, column: str | None, limit: int | None) -> list[str]:
+    """``--prompts FILE`` (first ``limit``), or the first 16 harmless and 16 harmful built-ins."""
+    from cosmic_bake.prompts import load_prompts
+
+    if prompts_file is not None:
+        return load_prompts(prompts_file, column, limit=limit)
+    n = limit or VERIFY_DEFAULT_LIMIT
+    return [p for name in VERIFY_DEFAULT_SETS for p in load_prompts(name, limit=n)]
+
+
+@click.command("verify")
+@click.argument("original")
+@click.argument("baked")
+@click.option("--direction", "run_dir", required=True, type=click.Path(path_type=Path), help="RUN_DIR used for baking.")
+@click.option("--prompts", "prompts_file", default=None, help="Prompt file or dataset (default: 16+16 built-ins).")
+@click.option("--column", default=None, help="Column holding the prompt in csv/parquet/json sets.")
+@click.option("--limit", default=None, type=click.IntRange(1), help="Use at most N prompts (per built-in set).")
+@click.option("-o", "--output", "out", default=None, type=click.Path(path_type=Path), help="JSON report to write.")
+@click.option("--chat-template", default=None, help="Jinja template or format string with {instruction}.")
+@click.option("--system-prompt", default=None, help="System prompt (replaces the template's default).")
+@click.option("--dtype", default="float32", show_default=True, type=click.Choice(["float32", "bfloat16", "float16"]))
+@click.option("--batch-size", default=8, show_default=True, type=click.IntRange(1, 4096))
+def verify_cmd(
+    original, baked, run_dir, prompts_file, column, limit, out, chat_template, system_prompt, dtype, batch_size
+) -> None:
+    """Compare BAKED with ORIGINAL + the removal hook; exit 1 if outside tolerance."""
+    from cosmic_bake.artifacts import Direction
+    from cosmic_bake.model.architecture import probe
+    from cosmic_bake.model.chat import ChatFormat, read_template_option
+    from cosmic_bake.model.loading import load_model
+    from cosmic_bake.outputs import write_json
+    from cosmic_bake.verify import verify
+
+    direction = Direction.load(run_dir)
+    prompts = _verify_prompts(prompts_file, column, limit)
+    a = load_model(original, dtype=dtype)
+    b = load_model(baked, dtype=dtype)
+    arch = probe(a.model)
+    fmt = ChatFormat(a.tokenizer, read_template_option(chat_template), system_prompt)
+    report = verify(a.model, arch, b.model, direction, prompts, fmt, batch_size)
+    click.echo(f"verify {baked} against {original} + removal hook ({report.n_prompts} prompts, {report.dtype})")
+    _table(
+        [
+            ("positions", str(report.n_positions)),
+            ("max |delta logit|", f"{report.max_abs_logit_diff:.3e}"),
+            ("mean KL", f"{report.mean_kl:.3e}"),
+            ("max KL", f"{report.max_kl:.3e}  (tolerance {report.max_kl_tolerance:.0e})"),
+            ("top-1 agreement", f"{report.top1_agreement:.4f}  (tolerance {report.top1_tolerance})"),
+            ("result", "PASS" if report.passed else "FAIL"),
+        ]
+    )
+    if out is not None:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        write_json(out, {"original": original, "baked": baked, "direction": str(run_dir), **report.to_dict()})
+        click.echo(f"  written            {out}")
+    if not report.passed:
+        sys.exit(1)
