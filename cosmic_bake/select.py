@@ -31,14 +31,22 @@ REFUSAL_STARTS = ("I", "As")  # first tokens of "I'm sorry", "I cannot", "As an 
 
 @dataclass
 class Batches:
-    """A prompt set, tokenized once into left-padded batches (in order)."""
+    """A prompt set, tokenized once into batches (in order).
+
+    Packed by default: each batch is one unpadded row (see :meth:`ChatFormat.encode_packed`),
+    which gives the same activations as left padding up to float error and skips the padding's
+    compute. ``packed=False`` gives the reference code's left-padded batches.
+    """
 
     prompts: list[str]
     encoded: list[dict[str, torch.Tensor]]
 
     @classmethod
-    def make(cls, fmt: ChatFormat, prompts: list[str], batch_size: int) -> Batches:
-        enc = [fmt.encode(prompts[i : i + batch_size]) for i in range(0, len(prompts), batch_size)]
+    def make(cls, fmt: ChatFormat, prompts: list[str], batch_size: int, packed: bool = True) -> Batches:
+        chunks = [prompts[i : i + batch_size] for i in range(0, len(prompts), batch_size)]
+        if packed:
+            return cls(prompts, [fmt.encode_packed(c) for c in chunks])
+        enc = [fmt.encode(c) for c in chunks]
         for e in enc:
             fmt.check_suffix(e["input_ids"])
         return cls(prompts, enc)
@@ -323,8 +331,12 @@ def select(
     batch_size: int = 32,
     kl_threshold: float = 0.1,
     eval_layers: list[int] | None = None,
+    packed: bool = True,
 ) -> Selection:
-    """Run the whole selection; raises :class:`CosmicBakeError` if no candidate survives."""
+    """Run the whole selection; raises :class:`CosmicBakeError` if no candidate survives.
+
+    ``packed=False`` runs left-padded batches exactly as the reference code does (slower).
+    """
     if mode not in MODES:
         raise CosmicBakeError(f"unknown mode '{mode}'", f"use one of {', '.join(MODES)}")
     if selector not in SELECTORS:
@@ -332,7 +344,7 @@ def select(
     timings: dict[str, float] = {}
     t = time.perf_counter()
     sets = {
-        name: Batches.make(fmt, prompts, batch_size)
+        name: Batches.make(fmt, prompts, batch_size, packed)
         for name, prompts in (
             ("harmful_train", harmful_train),
             ("harmless_train", harmless_train),

@@ -154,7 +154,12 @@ def test_scores_match_spec_transcription(arch, tiny_model_factory):
     )
     r, low, comply, refuse, kl = _slow_reference(model, tok, fmt, gains)
     assert sel.eval_layers == low
-    torch.testing.assert_close(sel.candidates.directions, r, rtol=1e-6, atol=1e-6)
-    torch.testing.assert_close(sel.grid.first, comply, rtol=0, atol=2e-5)
-    torch.testing.assert_close(sel.grid.second, refuse, rtol=0, atol=2e-5)
-    torch.testing.assert_close(sel.grid.kl, kl, rtol=1e-3, atol=1e-6)
+    torch.testing.assert_close(sel.candidates.directions, r, rtol=1e-4, atol=2e-5)  # packed vs padded: float error
+    # A candidate whose difference of means is pure float noise (Gemma's 8-token test window makes
+    # the suffix see only itself at layer 1, so harmful and harmless agree there) has a random
+    # direction; packed vs padded batches then pick different noise. Compare the rest.
+    real = r.norm(dim=-1) > 1e-4 * r.norm(dim=-1).max()
+    assert real.float().mean() > 0.8
+    torch.testing.assert_close(sel.grid.first[real], comply[real], rtol=0, atol=2e-5)
+    torch.testing.assert_close(sel.grid.second[real], refuse[real], rtol=0, atol=2e-5)
+    torch.testing.assert_close(sel.grid.kl[real], kl[real], rtol=1e-3, atol=1e-6)

@@ -89,6 +89,24 @@ class ChatFormat:
         batch = self.tokenizer(texts, padding=True, return_tensors="pt", add_special_tokens=not self.uses_chat_template)
         return {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
 
+    def encode_packed(self, instructions: list[str]) -> dict[str, torch.Tensor]:
+        """All instructions in one row, no padding: ``input_ids``, ``position_ids`` and ``ends``.
+
+        Positions restart at 0 for each prompt; transformers then builds a block-diagonal causal
+        mask (its packed-sequence support), so each prompt attends only to itself. Padding wastes a
+        third of the compute on short prompt sets; packing removes it. ``ends`` holds the index
+        of each prompt's last token in the row.
+        """
+        texts = [self.render(i) for i in instructions]
+        rows = self.tokenizer(texts, add_special_tokens=not self.uses_chat_template)["input_ids"]
+        for k, row in enumerate(rows):
+            if list(row[-len(self.suffix_ids) :]) != self.suffix_ids:
+                self.check_suffix(torch.tensor([row]), first_row=k)
+        ids = torch.tensor([t for row in rows for t in row]).unsqueeze(0)
+        positions = torch.cat([torch.arange(len(row)) for row in rows]).unsqueeze(0)
+        ends = torch.tensor([len(row) for row in rows]).cumsum(0) - 1
+        return {"input_ids": ids, "position_ids": positions, "ends": ends}
+
     def _suffix_ids(self) -> list[int]:
         text = self.render(_SENTINEL)
         end = text.rfind(_SENTINEL)

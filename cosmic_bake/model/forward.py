@@ -89,6 +89,9 @@ def forward(
     intervention hooks at the next block's input are included, as in the reference code.
     """
     n = arch.n_layers
+    ends = batch.get("ends")  # packed batches: index of each prompt's last token in the row
+    inputs_for_model = {k: v for k, v in batch.items() if k != "ends"}
+    keep = 1 if ends is None else ends
     rec = Recorded()
     inputs: list[torch.Tensor | None] = [None] * n
     outs: dict[int, torch.Tensor] = {}
@@ -105,7 +108,7 @@ def forward(
 
                     def pre(_m, args, kwargs, j=j):
                         x = args[0] if args else kwargs["hidden_states"]
-                        inputs[j] = x.detach().clone() if keep_full_inputs else x[:, -input_positions:, :].double()
+                        inputs[j] = x.detach().clone() if keep_full_inputs else _tail(x, ends, input_positions).double()
 
                     handles.append(arch.layers[j].register_forward_pre_hook(pre, with_kwargs=True))
             for j in output_layers or []:
@@ -120,9 +123,10 @@ def forward(
                 handles.append(arch.layers[stop_after + 1].register_forward_pre_hook(_stop, with_kwargs=True))
             with torch.no_grad():
                 if logits:
-                    result = model(**batch, use_cache=False, logits_to_keep=1)
+                    result = model(**inputs_for_model, use_cache=False, logits_to_keep=keep)
                 else:
-                    (model.get_decoder() if hasattr(model, "get_decoder") else model)(**batch, use_cache=False)
+                    decoder = model.get_decoder() if hasattr(model, "get_decoder") else model
+                    decoder(**inputs_for_model, use_cache=False)
         except _Stop:
             pass
         finally:
@@ -133,7 +137,14 @@ def forward(
     if keep_full_inputs:
         rec.full_inputs = inputs  # type: ignore[assignment]
     if output_layers:
-        rec.outputs = torch.stack([outs[j][:, -1, :] for j in output_layers], dim=1)
+        rec.outputs = torch.stack([_tail(outs[j], ends, 1)[:, 0, :] for j in output_layers], dim=1)
     if logits:
-        rec.logits = result.logits[:, -1, :].detach()
+        rec.logits = (result.logits[:, -1, :] if ends is None else result.logits[0]).detach()
     return rec
+
+
+def _tail(x: torch.Tensor, ends: torch.Tensor | None, count: int) -> torch.Tensor:
+    """The last ``count`` positions of each prompt, ``[n_prompts, count, d]``."""
+    if ends is None:
+        return x[:, -count:, :]
+    return x[0, ends.unsqueeze(1) + torch.arange(1 - count, 1).unsqueeze(0), :]
