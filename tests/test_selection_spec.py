@@ -124,9 +124,9 @@ def _slow_reference(model, tok, fmt, post_norm_gains):
     return r, low, comply, refuse, kl
 
 
+@pytest.mark.usefixtures("one_thread")
 @pytest.mark.parametrize("arch", ARCHS)
 def test_scores_match_spec_transcription(arch, tiny_model_factory):
-    torch.set_num_threads(1)
     folder = tiny_model_factory(arch, num_layers=N_LAYERS)
     model = AutoModelForCausalLM.from_pretrained(str(folder), dtype=torch.float32).eval()
     tok = AutoTokenizer.from_pretrained(str(folder))

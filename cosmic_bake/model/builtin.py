@@ -8,7 +8,6 @@ a pinned SHA-256. The result is cached under ``$COSMIC_BAKE_MODELS`` or
 
 from __future__ import annotations
 
-import hashlib
 import os
 import subprocess
 import sys
@@ -18,6 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from cosmic_bake.errors import CosmicBakeError
+from cosmic_bake.outputs import sha256_file
 
 
 @dataclass(frozen=True)
@@ -51,15 +51,6 @@ DEFAULT_MODEL = "builtin:smollm2-135m-instruct"
 def cache_dir() -> Path:
     """Where builtin models are kept."""
     return Path(os.environ.get("COSMIC_BAKE_MODELS", Path.home() / ".cache" / "cosmic-bake" / "models"))
-
-
-def sha256_file(path: Path, chunk: int = 1 << 22) -> str:
-    """SHA-256 of a file, streamed."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        while block := fh.read(chunk):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def fetch_builtin(name: str) -> Path:
