@@ -12,7 +12,6 @@ from cosmic_bake.model.architecture import probe
 from cosmic_bake.model.chat import ChatFormat
 from cosmic_bake.model.hooks import Intervention, intervene
 
-
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
