@@ -9,9 +9,10 @@ Time: the bake (plan, edit + write, copy side files + card + manifest hashes) ag
 ``shutil.copy`` of each safetensors file, both in this run, reported as a ratio. The copy is
 timed before and after the bake and the faster one is used, so neither gets a colder page cache.
 Memory: the bake runs in a child process; its peak resident set is read with
-``getrusage(RUSAGE_CHILDREN).ru_maxrss`` and compared with the largest shard, since streaming
-should keep it near one shard plus the interpreter, torch and transformers (the child's resident
-set before baking is reported as the baseline).
+``getrusage(RUSAGE_CHILDREN).ru_maxrss`` and compared with the largest shard. Streaming edits
+one tensor at a time and copies untouched ones byte for byte, so the peak should stay below one
+shard plus the interpreter, torch and transformers (the child's resident set before baking is
+reported as the baseline).
 """
 
 from __future__ import annotations
