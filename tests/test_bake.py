@@ -315,3 +315,38 @@ def test_cli_gguf_format_is_not_yet(tiny_model_factory, tmp_path):
         bake_cmd, [str(source), "--direction", str(tmp_path), "--format", "gguf", "-o", str(tmp_path / "x")]
     )
     assert isinstance(res.exception, CosmicBakeError) and "not available yet" in str(res.exception)
+
+
+def test_kill_mid_write_leaves_no_complete_looking_output(tiny_model_factory, tmp_path):
+    """A process killed (SIGKILL) while writing shards leaves only a hidden '.partial' folder."""
+    import subprocess
+    import sys
+
+    source = tiny_model_factory("llama", tied=True, num_layers=4, shard_size="200KB")
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    random_direction(source).save(run_dir)
+    out = tmp_path / "baked"
+    code = (
+        "import os, signal, sys\n"
+        "from cosmic_bake.export import safetensors_io\n"
+        "from cosmic_bake.bake import bake_folder\n"
+        "real = safetensors_io.write_safetensors\n"
+        "calls = []\n"
+        "def dying(*a, **k):\n"
+        "    calls.append(1)\n"
+        "    if len(calls) > 1:\n"
+        "        os.kill(os.getpid(), signal.SIGKILL)\n"
+        "    return real(*a, **k)\n"
+        "safetensors_io.write_safetensors = dying\n"
+        "bake_folder(sys.argv[1], sys.argv[2], sys.argv[3])\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code, str(source), str(run_dir), str(out)], timeout=300)
+    assert done.returncode == -9
+    assert not out.exists()
+    leftovers = [p for p in tmp_path.iterdir() if p.name not in ("run",)]
+    assert all(p.name.startswith(".baked.partial-") for p in leftovers)
+    assert all(not (p / "manifest.json").exists() for p in leftovers)
+    # and a new bake to the same path just works
+    bake_folder(source, run_dir, out)
+    assert (out / "manifest.json").is_file()
