@@ -32,7 +32,7 @@ def _ok(args: list[str]):
 @pytest.fixture(scope="module")
 def smol_run(tmp_path_factory):
     run = tmp_path_factory.mktemp("smol") / "run"
-    _ok(["select", SMOL, "-o", str(run), "--limit", "32", "--limit-val", "6"])
+    _ok(["select", SMOL, "-o", str(run), "--limit", "24", "--limit-val", "4"])
     return run
 
 
