@@ -32,7 +32,7 @@ def _ok(args: list[str]):
 @pytest.fixture(scope="module")
 def smol_run(tmp_path_factory):
     run = tmp_path_factory.mktemp("smol") / "run"
-    _ok(["select", SMOL, "-o", str(run), "--limit", "24", "--limit-val", "4"])
+    _ok(["select", SMOL, "-o", str(run), "--limit", "16", "--limit-val", "2"])
     return run
 
 
