@@ -38,8 +38,16 @@ def smol_run(tmp_path_factory):
 
 def test_smollm2_select_eval_bake_verify(smol_run, tmp_path):
     sel = json.loads((smol_run / "selection.json").read_text())
-    assert sel["positions"] == {"-5": "<|im_end|>", "-4": "\n", "-3": "<|im_start|>", "-2": "assistant", "-1": "\n"}
-    assert len(sel["candidates"]) == 5 * 30 and len(sel["eval_layers"]) == 3
+    # SmolLM2's tokenizer splits "assistant" in two: the positions come from the template's tokens
+    assert sel["positions"] == {
+        "-6": "<|im_end|>",
+        "-5": "\n",
+        "-4": "<|im_start|>",
+        "-3": "ass",
+        "-2": "istant",
+        "-1": "\n",
+    }
+    assert len(sel["candidates"]) == 6 * 30 and len(sel["eval_layers"]) == 3
     report = tmp_path / "eval.json"
     _ok(
         [
