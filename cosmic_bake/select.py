@@ -156,6 +156,15 @@ def _stop_layer(eval_layers: list[int]) -> int:
     return max(eval_layers)
 
 
+def _fill_grids(P: int, L: int, scores, desc: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Three ``[P, L]`` float64 grids filled by ``scores(i, layer) -> (a, b, c)``, with a progress bar."""
+    grids = torch.full((3, P, L), math.nan, dtype=torch.float64)
+    cells = [(i, layer) for i in range(P) for layer in range(L)]
+    for i, layer in progress(cells, desc, total=len(cells)):
+        grids[:, i, layer] = torch.tensor(scores(i, layer), dtype=torch.float64)
+    return grids[0].clone(), grids[1].clone(), grids[2].clone()
+
+
 def score_cosmic(
     model, arch, cands: Candidates, harmful_val: Batches, harmless_val: Batches, eval_layers: list[int], mode: str
 ) -> ScoreGrid:
@@ -166,33 +175,20 @@ def score_cosmic(
     b_plus = S.pooled_unit(base_harmful.outputs)
     b_minus = S.pooled_unit(base_harmless.outputs)
     base_logits = torch.cat(base_harmless.logits)
-    comply = torch.full((P, L), math.nan, dtype=torch.float64)
-    refuse, kl = comply.clone(), comply.clone()
-    grid = [(i, layer) for i in range(P) for layer in range(L)]
-    for i, layer in progress(grid, "scoring candidates", total=len(grid)):
+
+    def scores(i: int, layer: int) -> tuple[float, float, float]:
         iv_c, iv_r = _interventions(mode, cands, i, layer)
-        out_c, _ = _run(
-            model,
-            arch,
-            harmful_val,
-            iv_c,
-            layers=eval_layers,
-            stop=_stop_layer(eval_layers),
-            base=base_harmful,
-        )
+        stop = _stop_layer(eval_layers)
+        out_c, _ = _run(model, arch, harmful_val, iv_c, layers=eval_layers, stop=stop, base=base_harmful)
         _, lg = _run(model, arch, harmless_val, iv_c, logits=True, base=base_harmless)
-        out_r, _ = _run(
-            model,
-            arch,
-            harmless_val,
-            iv_r,
-            layers=eval_layers,
-            stop=_stop_layer(eval_layers),
-            base=base_harmless,
+        out_r, _ = _run(model, arch, harmless_val, iv_r, layers=eval_layers, stop=stop, base=base_harmless)
+        return (
+            S.pooled_cosine(out_c, b_minus),
+            S.pooled_cosine(out_r, b_plus),
+            float(S.smoothed_kl(base_logits, torch.cat(lg)).mean()),
         )
-        comply[i, layer] = S.pooled_cosine(out_c, b_minus)
-        refuse[i, layer] = S.pooled_cosine(out_r, b_plus)
-        kl[i, layer] = float(S.smoothed_kl(base_logits, torch.cat(lg)).mean())
+
+    comply, refuse, kl = _fill_grids(P, L, scores, "scoring candidates")
     return ScoreGrid(("s_comply", "s_refuse", "kl"), comply, refuse, kl)
 
 
@@ -222,17 +218,19 @@ def score_refusal(
     base_harmless = _baseline(model, arch, harmless_val, [], keep_inputs=True)
     base_harmful = _baseline(model, arch, harmful_val, [], keep_inputs=mode == "affine")
     base_logits = torch.cat(base_harmless.logits)
-    bypass = torch.full((P, L), math.nan, dtype=torch.float64)
-    steer, kl = bypass.clone(), bypass.clone()
-    grid = [(i, layer) for i in range(P) for layer in range(L)]
-    for i, layer in progress(grid, "scoring candidates (refusal tokens)", total=len(grid)):
+
+    def scores(i: int, layer: int) -> tuple[float, float, float]:
         iv_c, iv_r = _interventions(mode, cands, i, layer)
         _, lg_h = _run(model, arch, harmful_val, iv_c, logits=True, base=base_harmful)
         _, lg_k = _run(model, arch, harmless_val, iv_c, logits=True, base=base_harmless)
         _, lg_s = _run(model, arch, harmless_val, iv_r, logits=True, base=base_harmless)
-        bypass[i, layer] = float(refusal_log_odds(torch.cat(lg_h), ids).mean())
-        steer[i, layer] = float(refusal_log_odds(torch.cat(lg_s), ids).mean())
-        kl[i, layer] = float(S.smoothed_kl(base_logits, torch.cat(lg_k)).mean())
+        return (
+            float(refusal_log_odds(torch.cat(lg_h), ids).mean()),
+            float(refusal_log_odds(torch.cat(lg_s), ids).mean()),
+            float(S.smoothed_kl(base_logits, torch.cat(lg_k)).mean()),
+        )
+
+    bypass, steer, kl = _fill_grids(P, L, scores, "scoring candidates (refusal tokens)")
     return ScoreGrid(("refusal_score", "steering_score", "kl"), bypass, steer, kl)
 
 
