@@ -12,7 +12,7 @@ from pathlib import Path
 
 import click
 
-from cosmic_bake.errors import CosmicBakeError
+from cosmic_bake.errors import CosmicBakeError, first_line
 
 VERIFY_DEFAULT_SETS = ("builtin:harmless", "builtin:harmful")
 VERIFY_DEFAULT_LIMIT = 16
@@ -26,22 +26,13 @@ def source_folder(spec: str):
     """
     import torch
 
-    from cosmic_bake.model.loading import dequantized_cache, resolve
+    from cosmic_bake.model.loading import cached_gguf_folder, resolve
 
     source = resolve(spec)
     if source.kind == "folder":
         return source, source.path
     if source.kind == "gguf":
-        try:
-            source.extra_folder = dequantized_cache(source.path, torch.float32)
-        except CosmicBakeError:
-            raise
-        except Exception as err:  # noqa: BLE001 - any reader failure becomes one line
-            raise CosmicBakeError(
-                f"could not read GGUF file {source.path}: {str(err).splitlines()[0] if str(err) else err!r}",
-                "check the file is a complete GGUF model (re-download a truncated file)",
-            ) from err
-        return source, source.extra_folder
+        return source, cached_gguf_folder(source, torch.float32)
     return source, _hub_snapshot(source)
 
 
@@ -57,7 +48,7 @@ def _hub_snapshot(source) -> Path:
         )
     except Exception as err:  # noqa: BLE001 - network / auth / missing repo become one line
         raise CosmicBakeError(
-            f"could not fetch {source.hub_id} from the Hub: {str(err).splitlines()[0] if str(err) else err!r}",
+            f"could not fetch {source.hub_id} from the Hub: {first_line(err)}",
             "download the model to a folder and pass that folder",
         ) from err
     return Path(path)

@@ -15,3 +15,8 @@ class CosmicBakeError(Exception):
         self.problem = problem
         self.fix = fix
         super().__init__(f"{problem}; {fix}" if fix else problem)
+
+
+def first_line(err: BaseException) -> str:
+    """The first line of an exception's message (or its type), for wrapping library errors."""
+    return (str(err).strip().splitlines() or [type(err).__name__])[0][:200]

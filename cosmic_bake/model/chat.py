@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from cosmic_bake.errors import CosmicBakeError
+from cosmic_bake.errors import CosmicBakeError, first_line
 
 _SENTINEL = "Sentinel instruction for locating the template suffix."
 
@@ -77,7 +77,7 @@ class ChatFormat:
             )
         except Exception as err:  # noqa: BLE001 - jinja errors become one line
             raise CosmicBakeError(
-                f"the chat template failed to render: {str(err).splitlines()[0] if str(err) else type(err).__name__}",
+                f"the chat template failed to render: {first_line(err)}",
                 "check --chat-template (or the model's template) and --system-prompt",
             ) from err
 

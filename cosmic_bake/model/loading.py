@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from cosmic_bake.errors import CosmicBakeError
+from cosmic_bake.errors import CosmicBakeError, first_line
 from cosmic_bake.model.builtin import cache_dir, fetch_builtin
 
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16, "float64": torch.float64}
@@ -86,10 +86,6 @@ def resolve(spec: str | os.PathLike) -> ModelSource:
     return ModelSource(text, "hub", hub_id=hub_id, revision=revision or None)
 
 
-def _first_line(err: BaseException) -> str:
-    return (str(err).strip().splitlines() or [type(err).__name__])[0][:200]
-
-
 def load_tokenizer(source: ModelSource):
     """The tokenizer, set to left padding with a pad token (batched prompts end aligned)."""
     from transformers import AutoTokenizer
@@ -105,7 +101,7 @@ def load_tokenizer(source: ModelSource):
             tok = AutoTokenizer.from_pretrained(source.hub_id, revision=source.revision)
     except Exception as err:  # noqa: BLE001 - any loader failure becomes one clear line
         raise CosmicBakeError(
-            f"could not load the tokenizer of {source.spec}: {_first_line(err)}",
+            f"could not load the tokenizer of {source.spec}: {first_line(err)}",
             "check that the model files are complete (re-download a truncated file)",
         ) from err
     tok.padding_side = "left"
@@ -164,6 +160,18 @@ def dequantized_cache(path: Path, dtype: torch.dtype) -> Path:
     return folder
 
 
+def cached_gguf_folder(source: ModelSource, dtype: torch.dtype) -> Path:
+    """Fill ``source.extra_folder`` with the dequantized cache of a GGUF source; one-line errors."""
+    try:
+        source.extra_folder = dequantized_cache(source.path, dtype)
+    except Exception as err:  # noqa: BLE001 - any reader failure becomes one line
+        raise CosmicBakeError(
+            f"could not read GGUF file {source.path}: {first_line(err)}",
+            "check the file is a complete GGUF model (re-download a truncated file)",
+        ) from err
+    return source.extra_folder
+
+
 def AutoTokenizer_from_gguf(path: Path):  # noqa: N802 - mirrors the transformers name
     """The tokenizer stored inside a GGUF file (vocabulary, merges, chat template)."""
     from transformers import AutoTokenizer
@@ -178,13 +186,7 @@ def load_model(spec: str | os.PathLike, *, dtype: str | torch.dtype = "float32")
     torch_dtype = parse_dtype(dtype) if isinstance(dtype, str) else dtype
     source = resolve(spec)
     if source.kind == "gguf" and os.environ.get("COSMIC_BAKE_NO_CACHE") != "1":
-        try:
-            source.extra_folder = dequantized_cache(source.path, torch_dtype)
-        except Exception as err:  # noqa: BLE001
-            raise CosmicBakeError(
-                f"could not read GGUF file {source.path}: {_first_line(err)}",
-                "check the file is a complete GGUF model (re-download a truncated file)",
-            ) from err
+        cached_gguf_folder(source, torch_dtype)
     tokenizer = load_tokenizer(source)
     logging.getLogger("transformers").setLevel(logging.ERROR)
     try:
@@ -202,7 +204,7 @@ def load_model(spec: str | os.PathLike, *, dtype: str | torch.dtype = "float32")
         raise
     except Exception as err:  # noqa: BLE001
         raise CosmicBakeError(
-            f"could not load model {source.spec}: {_first_line(err)}",
+            f"could not load model {source.spec}: {first_line(err)}",
             "check the file is a complete causal-LM checkpoint (re-download a truncated file)",
         ) from err
     model.requires_grad_(False)
