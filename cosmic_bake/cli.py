@@ -17,6 +17,9 @@ HOLDOUT = 16  # validation prompts held out of a training set when none is given
 MODEL_HELP = f"Hub id, local folder, .gguf file or builtin:NAME (default {DEFAULT_MODEL}, fetched from PyPI)."
 
 
+LLAMACPP_EVAL_CTX = 2048  # prompt + new tokens per sequence in llama.cpp eval
+
+
 def _echo_kv(pairs: list[tuple[str, object]]) -> None:
     width = max(len(k) for k, _ in pairs)
     for k, v in pairs:
@@ -42,6 +45,31 @@ def _load(model: str, dtype: str, chat_template: str | None, system_prompt: str 
         err=True,
     )
     return lm, arch, fmt
+
+
+def _load_for_eval(model: str, runtime: str, kind: str, dtype: str, chat_template, system_prompt):
+    """(model, arch, fmt): a transformers model with its probe, or a llama.cpp model (arch None)."""
+    from cosmic_bake.model.loading import load_tokenizer, resolve
+
+    source = resolve(model)
+    use_llamacpp = runtime == "llama.cpp" or (runtime == "auto" and source.kind == "gguf" and kind == "none")
+    if not use_llamacpp:
+        lm, arch, fmt = _load(model, dtype, chat_template, system_prompt)
+        return lm.model, arch, fmt
+    if source.kind != "gguf":
+        raise CosmicBakeError(f"--runtime llama.cpp needs a .gguf model, not {model}", "pass a GGUF file")
+    if kind != "none":
+        raise CosmicBakeError(
+            "hooks run in transformers only", "drop --runtime llama.cpp, or evaluate a baked GGUF without --direction"
+        )
+    from cosmic_bake.model.chat import ChatFormat, read_template_option
+    from cosmic_bake.model.llamacpp import LlamaCppModel
+
+    t = time.perf_counter()
+    fmt = ChatFormat(load_tokenizer(source), read_template_option(chat_template), system_prompt)
+    llm = LlamaCppModel(source.path, n_ctx=LLAMACPP_EVAL_CTX)
+    click.echo(f"loaded {model} in llama.cpp in {time.perf_counter() - t:.1f}s", err=True)
+    return llm, None, fmt
 
 
 def _prompt_sets(harmful, harmless, harmful_val, harmless_val, column, limit, limit_val):
@@ -206,6 +234,13 @@ def select_cmd(
     default=None,
     help="Unedited model to measure harmless KL against (for evaluating a baked model; same tokenizer).",
 )
+@click.option(
+    "--runtime",
+    type=click.Choice(["auto", "transformers", "llama.cpp"]),
+    default="auto",
+    show_default=True,
+    help="auto: llama.cpp for a .gguf file without a hook (much faster on CPU), else transformers.",
+)
 @click.option("-o", "--output", "out", default=None, type=click.Path(path_type=Path), help="JSON report to write.")
 @click.option("--force", is_flag=True)
 @_common
@@ -221,6 +256,7 @@ def eval_cmd(
     limit_harmless,
     max_new_tokens,
     kl_against,
+    runtime,
     out,
     force,
     chat_template,
@@ -249,10 +285,10 @@ def eval_cmd(
     if kl_against is not None:
         from cosmic_bake.evaluate import first_token_logits
 
-        ref_lm, _, ref_fmt = _load(kl_against, dtype, chat_template, system_prompt)
-        base_logits = first_token_logits(ref_lm.model, ref_fmt, good, min(batch_size, 32))
-        del ref_lm
-    lm, arch, fmt = _load(model, dtype, chat_template, system_prompt)
+        ref, _, ref_fmt = _load_for_eval(kl_against, runtime, "none", dtype, chat_template, system_prompt)
+        base_logits = first_token_logits(ref, ref_fmt, good, min(batch_size, 32))
+        del ref
+    lm, arch, fmt = _load_for_eval(model, runtime, kind, dtype, chat_template, system_prompt)
     iv = None
     if kind != "none":
         d = Direction.load(run_dir)
@@ -263,7 +299,7 @@ def eval_cmd(
             "affine": lambda: Intervention.affine(d.direction, d.reference, d.layer, a),
         }[kind]()
     rep = evaluate(
-        lm.model,
+        lm,
         arch,
         fmt,
         harmful=bad,
@@ -274,7 +310,7 @@ def eval_cmd(
         base_logits=base_logits,
     )
     summary = rep.summary()
-    click.echo(f"eval of {model} with intervention '{kind}'")
+    click.echo(f"eval of {model} with intervention '{kind}' ({'llama.cpp' if arch is None else 'transformers'})")
     _echo_kv(
         [
             ("harmful refusal", _rate(rep.harmful_refusal_rate, rep.n_harmful)),

@@ -8,11 +8,13 @@ gate on it; user errors raise :class:`CosmicBakeError` (exit status 2 through ``
 from __future__ import annotations
 
 import sys
+from collections import Counter
 from pathlib import Path
 
 import click
 
 from cosmic_bake.errors import CosmicBakeError, first_line
+from cosmic_bake.export.ggml_quant import EDITED_TYPES, FILE_TYPES
 
 VERIFY_DEFAULT_SETS = ("builtin:harmless", "builtin:harmful")
 VERIFY_DEFAULT_LIMIT = 16
@@ -68,7 +70,9 @@ def _table(rows: list[tuple[str, str]]) -> None:
 @click.option(
     "--format", "out_format", type=click.Choice(["hf", "gguf"]), default="hf", show_default=True, help="Output format."
 )
-@click.option("-o", "--output", "out", required=True, type=click.Path(path_type=Path), help="Folder to write.")
+@click.option(
+    "-o", "--output", "out", required=True, type=click.Path(path_type=Path), help="Folder (hf) or .gguf file to write."
+)
 @click.option(
     "--embeddings",
     type=click.Choice(["untie", "skip"]),
@@ -79,16 +83,31 @@ def _table(rows: list[tuple[str, str]]) -> None:
 @click.option("--force", is_flag=True, help="Replace an existing output folder.")
 @click.option("--max-shard-size", default=None, help="Reshard the output (e.g. 2GB); default: the source's shards.")
 @click.option("--allow-mismatch", is_flag=True, help="Bake a direction selected on a different model file.")
-def bake_cmd(model, run_dir, out_format, out, embeddings, force, max_shard_size, allow_mismatch) -> None:
-    """Bake the refusal direction of RUN_DIR into MODEL's weights; write a loadable model folder."""
+@click.option(
+    "--outtype",
+    type=click.Choice(list(FILE_TYPES), case_sensitive=False),
+    default=None,
+    help="GGUF output type (llama.cpp quantizer for q*). Default: keep a GGUF source's types, else f16.",
+)
+@click.option(
+    "--edited-type",
+    type=click.Choice(list(EDITED_TYPES), case_sensitive=False),
+    default="q8_0",
+    show_default=True,
+    help="GGUF source: type for edited tensors whose own type cannot hold them.",
+)
+def bake_cmd(
+    model, run_dir, out_format, out, embeddings, force, max_shard_size, allow_mismatch, outtype, edited_type
+) -> None:
+    """Bake the refusal direction of RUN_DIR into MODEL's weights; write a model folder (hf) or file (gguf)."""
     from cosmic_bake.bake import bake_folder
     from cosmic_bake.outputs import check_target
 
     if out_format == "gguf":
-        raise CosmicBakeError(
-            "GGUF export is not available yet",
-            "use --format hf, then convert the folder with llama.cpp's convert_hf_to_gguf.py",
-        )
+        _bake_gguf(model, run_dir, out, outtype, edited_type, embeddings, force, allow_mismatch)
+        return
+    if outtype is not None:
+        raise CosmicBakeError("--outtype applies to --format gguf", "drop --outtype, or pass --format gguf")
     check_target(out, force=force)
     source, folder = source_folder(model)
     report = bake_folder(
@@ -116,6 +135,56 @@ def bake_cmd(model, run_dir, out_format, out, embeddings, force, max_shard_size,
     )
     for warning in report.warnings:
         click.echo(f"warning: {warning}", err=True)
+
+
+def _bake_gguf(model, run_dir, out, outtype, edited_type, embeddings, force, allow_mismatch) -> None:
+    from cosmic_bake.bake_gguf import bake_to_gguf, manifest_path
+
+    bake = bake_to_gguf(
+        model,
+        run_dir,
+        out,
+        outtype=outtype and outtype.lower(),
+        edited_type=edited_type.lower(),
+        embeddings=embeddings,
+        force=force,
+        allow_mismatch=allow_mismatch,
+    )
+    click.echo(f"baked {model} -> {out} ({bake['route']}, {bake.get('architecture', '')})")
+    rows = [("tensors", ", ".join(f"{n} {k}" for k, n in sorted(bake["edits"].items())))]
+    if "types" in bake:
+        kinds = Counter(bake["types"].values())
+        rows.append(("edited types", ", ".join(f"{n} x {k}" for k, n in sorted(kinds.items()))))
+        rows.append(("output head", bake["output_head"]))
+    else:
+        rows.append(("outtype", bake["outtype"]))
+    size = bake["bytes_written"]
+    rows += [
+        (
+            "size",
+            f"{size / 2**20:.1f} MiB"
+            + (f" (source {bake['source_bytes'] / 2**20:.1f} MiB)" if "source_bytes" in bake else ""),
+        ),
+        ("seconds", f"{bake['seconds']:.1f}"),
+        ("written", f"{out} (+ {manifest_path(out).name})"),
+    ]
+    _table(rows)
+    for warning in bake.get("warnings", []):
+        click.echo(f"warning: {warning}", err=True)
+
+
+def _verify_gguf(a, arch, baked: str, direction, prompts: list[str], fmt):
+    """Run the baked GGUF in llama.cpp; also the source GGUF (runtime floor) when the original is one."""
+    from cosmic_bake.model.llamacpp import LlamaCppModel
+    from cosmic_bake.verify import verify_gguf
+
+    longest = max(int(fmt.encode([p])["input_ids"].shape[1]) for p in prompts)
+    n_ctx = max(64, longest + 8)
+    model = LlamaCppModel(Path(baked), n_ctx=n_ctx, all_logits=True)
+    source = None
+    if a.source.kind == "gguf":
+        source = LlamaCppModel(a.source.path, n_ctx=n_ctx, all_logits=True)
+    return verify_gguf(a.model, arch, model, direction, prompts, fmt, source=source)
 
 
 def _verify_prompts(prompts_file: str | None, column: str | None, limit: int | None) -> list[str]:
@@ -154,21 +223,35 @@ def verify_cmd(
     direction = Direction.load(run_dir)
     prompts = _verify_prompts(prompts_file, column, limit)
     a = load_model(original, dtype=dtype)
-    b = load_model(baked, dtype=dtype)
     arch = probe(a.model)
     fmt = ChatFormat(a.tokenizer, read_template_option(chat_template), system_prompt)
-    report = verify(a.model, arch, b.model, direction, prompts, fmt, batch_size)
-    click.echo(f"verify {baked} against {original} + removal hook ({report.n_prompts} prompts, {report.dtype})")
-    _table(
-        [
-            ("positions", str(report.n_positions)),
-            ("max |delta logit|", f"{report.max_abs_logit_diff:.3e}"),
-            ("mean KL", f"{report.mean_kl:.3e}"),
-            ("max KL", f"{report.max_kl:.3e}  (tolerance {report.max_kl_tolerance:.0e})"),
-            ("top-1 agreement", f"{report.top1_agreement:.4f}  (tolerance {report.top1_tolerance})"),
-            ("result", "PASS" if report.passed else "FAIL"),
-        ]
-    )
+    if str(baked).lower().endswith(".gguf"):
+        report = _verify_gguf(a, arch, baked, direction, prompts, fmt)
+    else:
+        b = load_model(baked, dtype=dtype)
+        report = verify(a.model, arch, b.model, direction, prompts, fmt, batch_size)
+    runtime = f"{report.runtime}, {report.weight_type or report.dtype}"
+    click.echo(f"verify {baked} ({runtime}) against {original} + removal hook ({report.n_prompts} prompts)")
+    gate = {"max_kl": "max KL", "mean_kl": "mean KL"}[report.gate]
+    rows = [
+        ("positions", str(report.n_positions)),
+        ("max |delta logit|", f"{report.max_abs_logit_diff:.3e}"),
+        ("mean KL", f"{report.mean_kl:.3e}"),
+        ("max KL", f"{report.max_kl:.3e}"),
+        ("top-1 agreement", f"{report.top1_agreement:.4f}  (tolerance {report.top1_tolerance})"),
+        ("tolerance", f"{gate} <= {report.kl_tolerance:.0e}"),
+    ]
+    if report.runtime_floor:
+        f = report.runtime_floor
+        rows.append(
+            (
+                "runtime floor",
+                f"unedited GGUF vs transformers: mean KL {f['mean_kl']:.3e}, max KL {f['max_kl']:.3e}, "
+                f"top-1 {f['top1_agreement']:.4f}",
+            )
+        )
+    rows.append(("result", "PASS" if report.passed else "FAIL"))
+    _table(rows)
     if out is not None:
         out.parent.mkdir(parents=True, exist_ok=True)
         write_json(out, {"original": original, "baked": baked, "direction": str(run_dir), **report.to_dict()})

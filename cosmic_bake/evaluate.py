@@ -69,7 +69,9 @@ def generate(
     batch_size: int = 16,
     desc: str = "generating",
 ) -> Completions:
-    """Greedy completions in left-padded batches (stops at EOS)."""
+    """Greedy completions in left-padded batches (stops at EOS); one prompt at a time in llama.cpp."""
+    if _is_llamacpp(model):
+        return _generate_llamacpp(model, fmt, prompts, max_new_tokens, desc)
     tok = fmt.tokenizer
     responses: list[str] = []
     n_new = 0
@@ -95,8 +97,34 @@ def generate(
     return Completions(prompts, responses, n_new, time.perf_counter() - t)
 
 
+def _is_llamacpp(model) -> bool:
+    from cosmic_bake.model.llamacpp import LlamaCppModel
+
+    return isinstance(model, LlamaCppModel)
+
+
+def _prompt_ids(fmt: ChatFormat, prompt: str) -> list[int]:
+    return fmt.encode([prompt])["input_ids"][0].tolist()
+
+
+def _generate_llamacpp(model, fmt: ChatFormat, prompts: list[str], max_new_tokens: int, desc: str) -> Completions:
+    """The llama.cpp twin of the transformers loop: same token ids in, greedy, same decoding out."""
+    tok = fmt.tokenizer
+    stop = {t for t in (tok.eos_token_id, tok.pad_token_id) if t is not None}
+    responses: list[str] = []
+    n_new = 0
+    t = time.perf_counter()
+    for prompt in progress(prompts, desc):
+        new = model.greedy(_prompt_ids(fmt, prompt), max_new_tokens, stop)
+        n_new += len(new)
+        responses.append(tok.decode(new, skip_special_tokens=True))
+    return Completions(prompts, responses, n_new, time.perf_counter() - t)
+
+
 def first_token_logits(model, fmt: ChatFormat, prompts: list[str], batch_size: int = 16) -> torch.Tensor:
     """Next-token logits at the end of each prompt, ``[n, vocab]`` float32."""
+    if _is_llamacpp(model):
+        return torch.stack([torch.from_numpy(model.last_logits(_prompt_ids(fmt, p))) for p in prompts])
     rows = []
     for i in range(0, len(prompts), batch_size):
         enc = fmt.encode(prompts[i : i + batch_size])

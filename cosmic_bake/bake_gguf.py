@@ -1,0 +1,414 @@
+"""Bake linear removal straight into a GGUF file (GGUF in, GGUF out), without a float detour.
+
+The same edit as :mod:`cosmic_bake.bake` (spec section 6), addressed by llama.cpp's tensor names:
+
+============================  ===============================  ===========================
+GGUF tensor                   numpy layout                     edit
+============================  ===============================  ===========================
+``token_embd.weight``         ``[vocab, d]``                   ``E (I - r r^T)`` (rows)
+``position_embd.weight``      ``[positions, d]``               same
+``blk.N.attn_output.weight``  ``[d, heads*head_dim]``          ``(I - v v^T) W``
+``blk.N.ffn_down.weight``     ``[d, ff]``                      same
+``blk.N.ffn_down_exps``       ``[experts, d, ff]``             same, per expert
+``blk.N.ffn_down_shexp``      ``[d, ff_shared]``               same
+``*.bias`` of those           ``[d]`` / ``[experts, d]``       ``b - (b . v) v``
+============================  ===============================  ===========================
+
+``v`` is ``r_hat``, or ``unit(g * r_hat)`` when a norm with gain ``g`` follows the writer
+(Gemma 2/3 ``post_attention_norm`` / ``post_ffw_norm``; GGUF stores Gemma's gain with the ``+1``
+already added, so ``g`` is the stored value). When the embedding is tied (no ``output.weight``),
+the original ``token_embd`` is written again as ``output.weight``, byte for byte, so the output
+head stays unedited as in the hook; architectures whose llama.cpp loader takes no separate
+output head refuse instead of shipping a changed head.
+
+Types: an edited tensor is dequantized (gguf-py), edited in float64 and quantized back to the
+type it had, with llama.cpp's own quantizer (:mod:`cosmic_bake.export.ggml_quant`), when that
+type can hold it; otherwise to ``edited_type`` (default q8_0); the report lists both. Tensors the
+edit does not touch are copied byte for byte.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import tempfile
+import time
+from collections import Counter
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from gguf import GGMLQuantizationType
+
+from cosmic_bake import __version__
+from cosmic_bake.artifacts import Direction
+from cosmic_bake.errors import CosmicBakeError
+from cosmic_bake.export import ggml_quant
+from cosmic_bake.export.gguf_io import OutTensor, architecture, copied, field_value, open_gguf, write_gguf
+from cosmic_bake.math.projections import project_out_cols_, project_out_rows_, unit
+
+# llama.cpp architectures whose residual writers we know (tested through tiny models of each).
+SUPPORTED_ARCHS = ("llama", "qwen2", "qwen2moe", "gemma2", "gemma3", "phi3")
+# Architectures whose llama.cpp loader reads an optional separate ``output.weight``.
+SEPARATE_HEAD_ARCHS = ("llama", "qwen2", "qwen2moe", "gemma2", "gemma3", "phi3")
+
+_WRITER = re.compile(r"^blk\.(\d+)\.(attn_output|ffn_down|ffn_down_exps|ffn_down_shexp)(\.\d+)?\.(weight|bias)$")
+_POST_NORMS = {"post_attention_norm": "attn_output", "post_ffw_norm": "ffn"}
+_EMBEDDINGS = ("token_embd.weight", "position_embd.weight")
+ROW_CHUNK = 8192  # embedding rows dequantized, edited and quantized at a time
+
+
+@dataclass(frozen=True)
+class GgufEdit:
+    """One tensor's edit: ``kind`` ``rows`` (writer ``[.., d, k]``), ``embed``, ``bias`` or ``copy``."""
+
+    name: str
+    kind: str
+    vector: str = "r"  # "r" or "<block>.<attn_output|ffn>" for a post-norm direction
+    source_type: str = ""
+    out_type: str = ""
+
+
+def _vector_key(block: int, writer: str, post: set[str]) -> str:
+    part = "attn_output" if writer == "attn_output" else "ffn"
+    key = f"{block}.{part}"
+    return key if key in post else "r"
+
+
+def plan_edits(reader, d_model: int, edited_type: GGMLQuantizationType) -> list[GgufEdit]:
+    """Every tensor's edit and output type; raises before anything is written if a type cannot hold a tensor."""
+    post = set()
+    for t in reader.tensors:
+        m = re.match(r"^blk\.(\d+)\.(post_attention_norm|post_ffw_norm)\.weight$", t.name)
+        if m:
+            post.add(f"{m.group(1)}.{_POST_NORMS[m.group(2)]}")
+    edits = []
+    for t in reader.tensors:
+        m = _WRITER.match(t.name)
+        if m:
+            kind = "bias" if m.group(4) == "bias" else "rows"
+            vec = _vector_key(int(m.group(1)), m.group(2), post)
+        elif t.name in _EMBEDDINGS:
+            kind, vec = "embed", "r"
+        else:
+            edits.append(GgufEdit(t.name, "copy", source_type=t.tensor_type.name, out_type=t.tensor_type.name))
+            continue
+        if int(t.shape[0] if kind == "embed" else t.shape[1] if kind == "rows" else t.shape[0]) != d_model:
+            raise CosmicBakeError(
+                f"{t.name} has shape {t.shape.tolist()}, with no dimension of the direction's size {d_model} "
+                "where the residual stream should be",
+                "use a direction selected on this model",
+            )
+        edits.append(GgufEdit(t.name, kind, vec, t.tensor_type.name, _out_type(t, edited_type).name))
+    return edits
+
+
+def _out_type(tensor, edited_type: GGMLQuantizationType) -> GGMLQuantizationType:
+    row = int(tensor.shape[0])
+    if ggml_quant.writable(tensor.tensor_type, row) is None:
+        return tensor.tensor_type
+    reason = ggml_quant.writable(edited_type, row)
+    if reason is not None:
+        raise CosmicBakeError(
+            f"{tensor.name} ({tensor.tensor_type.name}) cannot be written back as {tensor.tensor_type.name}, "
+            f"and --edited-type {edited_type.name.lower()} cannot hold it either: {reason}",
+            "pick --edited-type q8_0, f16 or f32",
+        )
+    return edited_type
+
+
+def edit_vectors(reader, r_hat: torch.Tensor, edits: list[GgufEdit]) -> dict[str, torch.Tensor]:
+    """``"r"`` -> r_hat; per post-norm key, ``unit(g * r_hat)`` with the stored gain (Gemma's +1 included)."""
+    by_name = {t.name: t for t in reader.tensors}
+    vectors = {"r": r_hat}
+    for key in {e.vector for e in edits if e.vector != "r"}:
+        block, part = key.split(".")
+        norm = by_name[f"blk.{block}.{'post_attention_norm' if part == 'attn_output' else 'post_ffw_norm'}.weight"]
+        gain = _float_rows(norm, 0, 1).double().reshape(-1)
+        vectors[key] = unit(gain * r_hat)
+    return vectors
+
+
+def _type(tensor) -> GGMLQuantizationType:
+    return GGMLQuantizationType(int(tensor.tensor_type))
+
+
+def _float_rows(tensor, start: int, stop: int) -> torch.Tensor:
+    """Rows ``start:stop`` of the tensor's 2-D row view, dequantized to float32."""
+    data = np.asarray(tensor.data)
+    flat = data.reshape(-1, data.shape[-1])
+    return torch.from_numpy(ggml_quant.dequantize_rows(flat[start:stop], _type(tensor)).copy())
+
+
+def _store(rows: torch.Tensor, qtype: GGMLQuantizationType) -> np.ndarray:
+    return ggml_quant.quantize_rows(rows.numpy(), qtype)
+
+
+def edited_data(tensor, edit: GgufEdit, v: torch.Tensor) -> np.ndarray:
+    """The edited tensor's stored bytes (2-D: rows of the output type)."""
+    qtype = GGMLQuantizationType[edit.out_type]
+    n_rows = int(np.prod([int(x) for x in tensor.shape[1:]]))
+    if edit.kind == "embed":
+        parts = []
+        for a in range(0, n_rows, ROW_CHUNK):
+            rows = _float_rows(tensor, a, min(n_rows, a + ROW_CHUNK))
+            parts.append(_store(project_out_cols_(rows, v), qtype))
+        return np.concatenate(parts)
+    if edit.kind == "bias":
+        rows = _float_rows(tensor, 0, n_rows)
+        return _store(project_out_cols_(rows, v), qtype)
+    d = int(tensor.shape[1])
+    out = []
+    for e in range(n_rows // d):  # one matrix [d, k] per expert (one for dense writers)
+        w = _float_rows(tensor, e * d, (e + 1) * d)
+        out.append(_store(project_out_rows_(w, v), qtype))
+    return np.concatenate(out)
+
+
+def _out_tensor(tensor, edit: GgufEdit, v: torch.Tensor) -> OutTensor:
+    qtype = GGMLQuantizationType[edit.out_type]
+    shape = tuple(int(x) for x in reversed(tensor.shape.tolist()))
+    nbytes = int(np.prod(shape[:-1], dtype=np.int64)) * ggml_quant.row_bytes(qtype, shape[-1])
+    return OutTensor(tensor.name, qtype, shape, nbytes, lambda: edited_data(tensor, edit, v))
+
+
+@dataclass
+class GgufBakeReport:
+    """What a GGUF-to-GGUF bake did (JSON-serialisable)."""
+
+    output: str
+    architecture: str
+    d_model: int
+    direction_digest: str
+    layer: int
+    position: int
+    mode: str
+    edits: dict[str, int]
+    types: dict[str, str]  # edited tensor -> "SOURCE -> OUT"
+    requantized_as_other_type: list[str]
+    output_head: str
+    source_bytes: int
+    bytes_written: int
+    timings: dict[str, float] = field(default_factory=dict)
+    warnings: list[str] = field(default_factory=list)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def provenance(d: Direction, source_hash: str, extra: dict | None = None) -> dict[str, str | int]:
+    """The ``cosmic_bake.*`` metadata keys every baked GGUF carries."""
+    return {
+        "cosmic_bake.version": __version__,
+        "cosmic_bake.mode": d.mode,
+        "cosmic_bake.direction_sha256": d.digest,
+        "cosmic_bake.layer": int(d.layer),
+        "cosmic_bake.position": int(d.position),
+        "cosmic_bake.selector": d.selector,
+        "cosmic_bake.source_model": d.model_id or "",
+        "cosmic_bake.source_hash": source_hash,
+        **(extra or {}),
+    }
+
+
+def bake_gguf_file(
+    source: Path,
+    direction: Direction,
+    out: Path,
+    *,
+    source_hash: str,
+    edited_type: str = "q8_0",
+) -> GgufBakeReport:
+    """Write ``out`` (a temporary path the caller renames): ``source`` with the removal baked in."""
+    t0 = time.perf_counter()
+    reader = open_gguf(source)
+    arch = architecture(reader)
+    if arch not in SUPPORTED_ARCHS:
+        raise CosmicBakeError(
+            f"GGUF architecture '{arch}' is not supported for baking",
+            f"supported: {', '.join(SUPPORTED_ARCHS)}; or bake the transformers model with --format hf",
+        )
+    d_model = int(field_value(reader, f"{arch}.embedding_length", 0))
+    if direction.direction.numel() != d_model:
+        raise CosmicBakeError(
+            f"the direction has {direction.direction.numel()} values but the GGUF's embedding_length is {d_model}",
+            "use a direction selected on this model",
+        )
+    edits = plan_edits(reader, d_model, ggml_quant.tensor_type(edited_type))
+    names = {t.name for t in reader.tensors}
+    by_name = {t.name: t for t in reader.tensors}
+    head = "separate (unedited)"
+    out_tensors = []
+    r_hat = unit(direction.direction.double())
+    vectors = edit_vectors(reader, r_hat, edits)
+    for e in edits:
+        t = by_name[e.name]
+        out_tensors.append(copied(t) if e.kind == "copy" else _out_tensor(t, e, vectors[e.vector]))
+        if e.name == "token_embd.weight" and "output.weight" not in names:
+            if arch not in SEPARATE_HEAD_ARCHS:
+                raise CosmicBakeError(
+                    f"llama.cpp's '{arch}' loader has no separate output head, so the tied embedding cannot be untied",
+                    "bake with --format hf instead",
+                )
+            base = copied(t)
+            out_tensors.append(OutTensor("output.weight", base.qtype, base.shape, base.nbytes, base.data))
+            head = f"untied: output.weight = original token_embd ({t.tensor_type.name})"
+    timings = {"plan": time.perf_counter() - t0}
+    t = time.perf_counter()
+    meta = provenance(direction, source_hash, {"cosmic_bake.edited_type": edited_type})
+    write_gguf(reader, out, out_tensors, meta)
+    timings["write"] = time.perf_counter() - t
+    changed = [e for e in edits if e.kind != "copy"]
+    return GgufBakeReport(
+        output=str(out),
+        architecture=arch,
+        d_model=d_model,
+        direction_digest=direction.digest,
+        layer=direction.layer,
+        position=direction.position,
+        mode=direction.mode,
+        edits=dict(Counter(e.kind for e in edits)),
+        types={e.name: f"{e.source_type} -> {e.out_type}" for e in changed},
+        requantized_as_other_type=[e.name for e in changed if e.source_type != e.out_type],
+        output_head=head,
+        source_bytes=Path(source).stat().st_size,
+        bytes_written=Path(out).stat().st_size,
+        timings=timings,
+    )
+
+
+def temp_path(target: Path) -> Path:
+    """A fresh temporary file beside ``target`` (same filesystem, so the final rename is atomic)."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fd, name = tempfile.mkstemp(prefix=f".{target.name}.partial-", dir=target.parent)
+    os.close(fd)
+    return Path(name)
+
+
+# --------------------------------------------------------------------------------------------
+# Entry point for ``bake --format gguf``: GGUF sources keep their quantization; anything else (or
+# an explicit --outtype) is baked as safetensors, converted to a float GGUF, then quantized by
+# llama.cpp.
+
+
+def _manifest(out: Path, record: dict, d: Direction, scores: dict | None, bake: dict) -> dict:
+    from cosmic_bake.outputs import environment, sha256_file
+
+    return {
+        "tool": "cosmic-bake",
+        "stage": "bake",
+        "format": "gguf",
+        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "versions": environment(),
+        "source_model": record,
+        "direction": {
+            "sha256_float64": d.digest,
+            "layer": d.layer,
+            "position": d.position,
+            "mode": d.mode,
+            "selector": d.selector,
+            "alpha": d.alpha,
+            "model_id": d.model_id,
+            "model_hash": d.model_hash,
+        },
+        "scores": scores,
+        "bake": bake,
+        "files": {out.name: sha256_file(out)},
+    }
+
+
+def manifest_path(out: Path) -> Path:
+    """The manifest written beside a baked GGUF file: ``OUT.gguf.manifest.json``."""
+    return out.with_name(out.name + ".manifest.json")
+
+
+def bake_to_gguf(
+    model: str,
+    run_dir: Path,
+    out: Path,
+    *,
+    outtype: str | None = None,
+    edited_type: str = "q8_0",
+    embeddings: str = "untie",
+    force: bool = False,
+    allow_mismatch: bool = False,
+) -> dict:
+    """Bake ``run_dir``'s direction into ``model`` and write ``out`` (a .gguf file) plus its manifest.
+
+    ``outtype`` None keeps a GGUF source's tensor types (only edited tensors are re-quantized);
+    for other sources it means f16. Returns the bake section of the manifest.
+    """
+    from cosmic_bake.bake import _check_direction, _load_direction
+    from cosmic_bake.cli_bake import source_folder
+    from cosmic_bake.model.loading import resolve
+    from cosmic_bake.outputs import check_target, source_record, write_json
+    from cosmic_bake.run_select import model_hash
+
+    out = Path(out)
+    if out.suffix.lower() != ".gguf":
+        raise CosmicBakeError(f"-o {out} does not end in .gguf", "name the output file like model-baked.gguf")
+    if outtype is not None:
+        ggml_quant.file_type(outtype)
+    ggml_quant.tensor_type(edited_type)
+    source = resolve(model)
+    check_target(out, force=force, protect=[p for p in [getattr(source, "path", None)] if p])
+    d, scores = _load_direction(run_dir)
+    record = source_record(source)
+    shash = model_hash(record)
+    _check_direction(d, d.direction.numel(), shash, allow_mismatch)
+    t0 = time.perf_counter()
+    tmp = temp_path(out)
+    tmp_manifest = temp_path(manifest_path(out))
+    try:
+        if source.kind == "gguf" and outtype is None:
+            report = bake_gguf_file(source.path, d, tmp, source_hash=shash, edited_type=edited_type)
+            bake = {"route": "gguf-to-gguf", **report.to_dict()}
+        else:
+            bake = _bake_via_safetensors(source_folder(model)[1], source, d, run_dir, tmp, outtype or "f16", shash)
+            bake["embeddings"] = embeddings
+        bake["output"] = str(out)
+        bake["seconds"] = time.perf_counter() - t0
+        write_json(tmp_manifest, _manifest(tmp, record, d, scores, bake))
+        os.replace(tmp_manifest, manifest_path(out))
+        os.replace(tmp, out)
+    finally:
+        for p in (tmp, tmp_manifest):
+            p.unlink(missing_ok=True)
+    return bake
+
+
+def _bake_via_safetensors(
+    folder: Path, source, d: Direction, run_dir: Path, out: Path, outtype: str, shash: str
+) -> dict:
+    """transformers folder -> baked safetensors -> float GGUF -> (llama.cpp quantizer) -> ``out``."""
+    from cosmic_bake.bake import bake_folder
+    from cosmic_bake.export.gguf_convert import convert_folder
+
+    timings = {}
+    with tempfile.TemporaryDirectory(prefix=f".{out.name}.work-", dir=out.parent) as work:
+        work = Path(work)
+        t = time.perf_counter()
+        report = bake_folder(folder, run_dir, work / "hf", source=source, allow_mismatch=True)
+        timings["bake"] = time.perf_counter() - t
+        t = time.perf_counter()
+        float_type = outtype if outtype in ggml_quant.FLOAT_OUTTYPES else "f32"
+        float_file = work / "float.gguf"
+        conv = convert_folder(work / "hf", float_file, float_type, metadata=provenance(d, shash))
+        timings["convert"] = time.perf_counter() - t
+        if outtype in ggml_quant.FLOAT_OUTTYPES:
+            os.replace(float_file, out)
+        else:
+            t = time.perf_counter()
+            ggml_quant.quantize_file(float_file, out, outtype)
+            timings["quantize"] = time.perf_counter() - t
+    return {
+        "route": "safetensors-to-gguf",
+        "outtype": outtype,
+        "architecture": conv.arch,
+        "edits": report.edits,
+        "untied": report.untied,
+        "warnings": report.warnings + list(conv.warnings),
+        "bytes_written": out.stat().st_size,
+        "timings": timings,
+    }

@@ -1,0 +1,105 @@
+"""Run a GGUF file in llama.cpp (through llama-cpp-python) on token ids we choose.
+
+Verification and evaluation feed llama.cpp the token ids of the transformers tokenizer, so a
+difference in logits can only come from the weights and the runtime, never from tokenization.
+Two uses:
+
+* :meth:`LlamaCppModel.logits`: next-token logits at every position of one sequence (verify).
+* :meth:`LlamaCppModel.greedy`: greedy continuation until an end-of-generation token (eval),
+  reading only the last position's logits, so the output head runs once per step.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+
+from cosmic_bake.errors import CosmicBakeError, first_line
+
+
+def _threads() -> int:
+    import torch
+
+    return max(1, torch.get_num_threads() or (os.cpu_count() or 1))
+
+
+class LlamaCppModel:
+    """One llama.cpp model and context; sequences are evaluated one at a time from an empty cache."""
+
+    def __init__(self, path: Path, *, n_ctx: int = 2048, all_logits: bool = False, threads: int | None = None):
+        import llama_cpp
+
+        from cosmic_bake.export.gguf_io import open_gguf
+
+        path = Path(path)
+        open_gguf(path)  # a truncated or foreign file fails here with a clear line, not in C++
+        try:
+            self.llm = llama_cpp.Llama(
+                model_path=str(path),
+                n_ctx=n_ctx,
+                n_batch=n_ctx,
+                n_ubatch=min(n_ctx, 512),
+                logits_all=all_logits,
+                n_threads=threads or _threads(),
+                verbose=False,
+            )
+        except Exception as err:  # noqa: BLE001 - llama.cpp reports load failures as ValueError
+            raise CosmicBakeError(
+                f"llama.cpp could not load {path}: {first_line(err)}",
+                "check that this llama.cpp build supports the model's architecture and the file is complete",
+            ) from err
+        self.path = path
+        self.n_ctx = n_ctx
+        self.n_vocab = self.llm.n_vocab()
+        self._vocab = llama_cpp.llama_model_get_vocab(self.llm.model)
+
+    def _run(self, ids: list[int]) -> None:
+        if len(ids) > self.n_ctx:
+            raise CosmicBakeError(
+                f"a prompt of {len(ids)} tokens does not fit llama.cpp's context of {self.n_ctx}",
+                "use shorter prompts",
+            )
+        self.llm.reset()
+        self.llm.eval(ids)
+
+    def logits(self, ids: list[int]) -> np.ndarray:
+        """``[len(ids), vocab]`` float32 logits for every position (needs ``all_logits=True``)."""
+        self._run(list(ids))
+        return np.array(self.llm.scores[: len(ids)], dtype=np.float32)
+
+    def _last(self) -> np.ndarray:
+        import llama_cpp
+
+        ptr = llama_cpp.llama_get_logits_ith(self.llm.ctx, -1)
+        return np.ctypeslib.as_array(ptr, shape=(self.n_vocab,)).copy()
+
+    def last_logits(self, ids: list[int]) -> np.ndarray:
+        """``[vocab]`` float32 logits after the last token."""
+        self._run(list(ids))
+        return self._last()
+
+    def is_eog(self, token: int) -> bool:
+        import llama_cpp
+
+        return bool(llama_cpp.llama_vocab_is_eog(self._vocab, token))
+
+    def greedy(
+        self, ids: list[int], max_new_tokens: int, stop_ids: set[int] | frozenset[int] = frozenset()
+    ) -> list[int]:
+        """Greedy new tokens after ``ids``, stopping at an end-of-generation token (not returned)."""
+        self._run(list(ids))
+        out: list[int] = []
+        for _ in range(max_new_tokens):
+            if self.llm.n_tokens >= self.n_ctx:
+                break
+            token = int(np.argmax(self._last()))
+            if token in stop_ids or self.is_eog(token):
+                break
+            out.append(token)
+            self.llm.eval([token])
+        return out
+
+    def close(self) -> None:
+        self.llm.close()
