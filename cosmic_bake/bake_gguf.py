@@ -50,8 +50,9 @@ from cosmic_bake.math.projections import project_out_cols_, project_out_rows_, u
 
 # llama.cpp architectures whose residual writers we know (tested through tiny models of each).
 SUPPORTED_ARCHS = ("llama", "qwen2", "qwen2moe", "gemma2", "gemma3", "phi3")
-# Architectures whose llama.cpp loader reads an optional separate ``output.weight``.
-SEPARATE_HEAD_ARCHS = ("llama", "qwen2", "qwen2moe", "gemma2", "gemma3", "phi3")
+# Architectures whose llama.cpp loader reads an optional separate ``output.weight`` (gemma2's
+# always ties it to the embedding, so a Gemma 2 GGUF cannot carry an edited embedding exactly).
+SEPARATE_HEAD_ARCHS = ("llama", "qwen2", "qwen2moe", "gemma3", "phi3")
 
 _WRITER = re.compile(r"^blk\.(\d+)\.(attn_output|ffn_down|ffn_down_exps|ffn_down_shexp)(\.\d+)?\.(weight|bias)$")
 _POST_NORMS = {"post_attention_norm": "attn_output", "post_ffw_norm": "ffn"}
@@ -76,8 +77,14 @@ def _vector_key(block: int, writer: str, post: set[str]) -> str:
     return key if key in post else "r"
 
 
-def plan_edits(reader, d_model: int, edited_type: GGMLQuantizationType) -> list[GgufEdit]:
-    """Every tensor's edit and output type; raises before anything is written if a type cannot hold a tensor."""
+def plan_edits(
+    reader, d_model: int, edited_type: GGMLQuantizationType, always: bool = False, embeddings: str = "untie"
+) -> list[GgufEdit]:
+    """Every tensor's edit and output type; raises before anything is written if a type cannot hold a tensor.
+
+    ``always`` writes every edited matrix as ``edited_type`` (e.g. q8_0 for edits more exact than
+    a 4-bit source's own type allows), not only those whose source type cannot hold them.
+    """
     post = set()
     for t in reader.tensors:
         m = re.match(r"^blk\.(\d+)\.(post_attention_norm|post_ffw_norm)\.weight$", t.name)
@@ -89,7 +96,7 @@ def plan_edits(reader, d_model: int, edited_type: GGMLQuantizationType) -> list[
         if m:
             kind = "bias" if m.group(4) == "bias" else "rows"
             vec = _vector_key(int(m.group(1)), m.group(2), post)
-        elif t.name in _EMBEDDINGS:
+        elif t.name in _EMBEDDINGS and embeddings != "skip":
             kind, vec = "embed", "r"
         else:
             edits.append(GgufEdit(t.name, "copy", source_type=t.tensor_type.name, out_type=t.tensor_type.name))
@@ -100,13 +107,14 @@ def plan_edits(reader, d_model: int, edited_type: GGMLQuantizationType) -> list[
                 "where the residual stream should be",
                 "use a direction selected on this model",
             )
-        edits.append(GgufEdit(t.name, kind, vec, t.tensor_type.name, _out_type(t, edited_type).name))
+        out_type = _out_type(t, edited_type, always and kind != "bias")
+        edits.append(GgufEdit(t.name, kind, vec, t.tensor_type.name, out_type.name))
     return edits
 
 
-def _out_type(tensor, edited_type: GGMLQuantizationType) -> GGMLQuantizationType:
+def _out_type(tensor, edited_type: GGMLQuantizationType, always: bool) -> GGMLQuantizationType:
     row = int(tensor.shape[0])
-    if ggml_quant.writable(tensor.tensor_type, row) is None:
+    if not always and ggml_quant.writable(tensor.tensor_type, row) is None:
         return tensor.tensor_type
     reason = ggml_quant.writable(edited_type, row)
     if reason is not None:
@@ -219,6 +227,8 @@ def bake_gguf_file(
     *,
     source_hash: str,
     edited_type: str = "q8_0",
+    edited_type_always: bool = False,
+    embeddings: str = "untie",
 ) -> GgufBakeReport:
     """Write ``out`` (a temporary path the caller renames): ``source`` with the removal baked in."""
     t0 = time.perf_counter()
@@ -235,7 +245,7 @@ def bake_gguf_file(
             f"the direction has {direction.direction.numel()} values but the GGUF's embedding_length is {d_model}",
             "use a direction selected on this model",
         )
-    edits = plan_edits(reader, d_model, ggml_quant.tensor_type(edited_type))
+    edits = plan_edits(reader, d_model, ggml_quant.tensor_type(edited_type), edited_type_always, embeddings)
     names = {t.name for t in reader.tensors}
     by_name = {t.name: t for t in reader.tensors}
     head = "separate (unedited)"
@@ -245,18 +255,29 @@ def bake_gguf_file(
     for e in edits:
         t = by_name[e.name]
         out_tensors.append(copied(t) if e.kind == "copy" else _out_tensor(t, e, vectors[e.vector]))
-        if e.name == "token_embd.weight" and "output.weight" not in names:
+        if e.name == "token_embd.weight" and e.kind == "embed" and "output.weight" not in names:
             if arch not in SEPARATE_HEAD_ARCHS:
                 raise CosmicBakeError(
                     f"llama.cpp's '{arch}' loader has no separate output head, so the tied embedding cannot be untied",
-                    "bake with --format hf instead",
+                    "pass --embeddings skip (the result then differs from the hook), or bake with --format hf",
                 )
             base = copied(t)
             out_tensors.append(OutTensor("output.weight", base.qtype, base.shape, base.nbytes, base.data))
             head = f"untied: output.weight = original token_embd ({t.tensor_type.name})"
+    warnings = []
+    if embeddings == "skip":
+        head = "unchanged (embedding not edited)"
+        warnings.append(
+            "embeddings skipped: the token embedding still writes the direction into the residual stream, "
+            "so the baked model differs from the runtime hook; verify will report the difference"
+        )
     timings = {"plan": time.perf_counter() - t0}
     t = time.perf_counter()
-    meta = provenance(direction, source_hash, {"cosmic_bake.edited_type": edited_type})
+    meta = provenance(
+        direction,
+        source_hash,
+        {"cosmic_bake.edited_type": edited_type + (" (all edited)" if edited_type_always else " (fallback)")},
+    )
     write_gguf(reader, out, out_tensors, meta)
     timings["write"] = time.perf_counter() - t
     changed = [e for e in edits if e.kind != "copy"]
@@ -275,6 +296,7 @@ def bake_gguf_file(
         source_bytes=Path(source).stat().st_size,
         bytes_written=Path(out).stat().st_size,
         timings=timings,
+        warnings=warnings,
     )
 
 
@@ -330,6 +352,7 @@ def bake_to_gguf(
     *,
     outtype: str | None = None,
     edited_type: str = "q8_0",
+    edited_type_always: bool = False,
     embeddings: str = "untie",
     force: bool = False,
     allow_mismatch: bool = False,
@@ -362,11 +385,20 @@ def bake_to_gguf(
     tmp_manifest = temp_path(manifest_path(out))
     try:
         if source.kind == "gguf" and outtype is None:
-            report = bake_gguf_file(source.path, d, tmp, source_hash=shash, edited_type=edited_type)
+            report = bake_gguf_file(
+                source.path,
+                d,
+                tmp,
+                source_hash=shash,
+                edited_type=edited_type,
+                edited_type_always=edited_type_always,
+                embeddings=embeddings,
+            )
             bake = {"route": "gguf-to-gguf", **report.to_dict()}
         else:
-            bake = _bake_via_safetensors(source_folder(model)[1], source, d, run_dir, tmp, outtype or "f16", shash)
-            bake["embeddings"] = embeddings
+            folder = source_folder(model)[1]
+            bake = _bake_via_safetensors(folder, source, run_dir, tmp, outtype or "f16", shash, embeddings)
+        bake["embeddings"] = embeddings
         bake["output"] = str(out)
         bake["seconds"] = time.perf_counter() - t0
         write_json(tmp_manifest, _manifest(tmp, record, d, scores, bake))
@@ -379,7 +411,7 @@ def bake_to_gguf(
 
 
 def _bake_via_safetensors(
-    folder: Path, source, d: Direction, run_dir: Path, out: Path, outtype: str, shash: str
+    folder: Path, source, run_dir: Path, out: Path, outtype: str, shash: str, embeddings: str
 ) -> dict:
     """transformers folder -> baked safetensors -> float GGUF -> (llama.cpp quantizer) -> ``out``."""
     from cosmic_bake.bake import bake_folder
@@ -389,7 +421,8 @@ def _bake_via_safetensors(
     with tempfile.TemporaryDirectory(prefix=f".{out.name}.work-", dir=out.parent) as work:
         work = Path(work)
         t = time.perf_counter()
-        report = bake_folder(folder, run_dir, work / "hf", source=source, allow_mismatch=True)
+        report = bake_folder(folder, run_dir, work / "hf", source=source, allow_mismatch=True, embeddings=embeddings)
+        d = Direction.load(run_dir)
         timings["bake"] = time.perf_counter() - t
         t = time.perf_counter()
         float_type = outtype if outtype in ggml_quant.FLOAT_OUTTYPES else "f32"

@@ -96,15 +96,30 @@ def _table(rows: list[tuple[str, str]]) -> None:
     show_default=True,
     help="GGUF source: type for edited tensors whose own type cannot hold them.",
 )
+@click.option(
+    "--edited-type-always",
+    is_flag=True,
+    help="GGUF source: write every edited tensor as --edited-type (closer to the hook than a 4-bit source type).",
+)
 def bake_cmd(
-    model, run_dir, out_format, out, embeddings, force, max_shard_size, allow_mismatch, outtype, edited_type
+    model,
+    run_dir,
+    out_format,
+    out,
+    embeddings,
+    force,
+    max_shard_size,
+    allow_mismatch,
+    outtype,
+    edited_type,
+    edited_type_always,
 ) -> None:
     """Bake the refusal direction of RUN_DIR into MODEL's weights; write a model folder (hf) or file (gguf)."""
     from cosmic_bake.bake import bake_folder
     from cosmic_bake.outputs import check_target
 
     if out_format == "gguf":
-        _bake_gguf(model, run_dir, out, outtype, edited_type, embeddings, force, allow_mismatch)
+        _bake_gguf(model, run_dir, out, outtype, edited_type, edited_type_always, embeddings, force, allow_mismatch)
         return
     if outtype is not None:
         raise CosmicBakeError("--outtype applies to --format gguf", "drop --outtype, or pass --format gguf")
@@ -137,7 +152,7 @@ def bake_cmd(
         click.echo(f"warning: {warning}", err=True)
 
 
-def _bake_gguf(model, run_dir, out, outtype, edited_type, embeddings, force, allow_mismatch) -> None:
+def _bake_gguf(model, run_dir, out, outtype, edited_type, always, embeddings, force, allow_mismatch) -> None:
     from cosmic_bake.bake_gguf import bake_to_gguf, manifest_path
 
     bake = bake_to_gguf(
@@ -146,6 +161,7 @@ def _bake_gguf(model, run_dir, out, outtype, edited_type, embeddings, force, all
         out,
         outtype=outtype and outtype.lower(),
         edited_type=edited_type.lower(),
+        edited_type_always=always,
         embeddings=embeddings,
         force=force,
         allow_mismatch=allow_mismatch,

@@ -186,7 +186,7 @@ def verify_gguf(
     original_model: torch.nn.Module,
     arch: Architecture,
     baked,
-    direction: Direction | torch.Tensor,
+    direction: Direction | torch.Tensor | None,
     prompts: list[str],
     fmt,
     *,
@@ -197,6 +197,7 @@ def verify_gguf(
     ``baked`` (and ``source``, the unedited GGUF, when the original is one) are
     :class:`~cosmic_bake.model.llamacpp.LlamaCppModel` opened with ``all_logits=True``. With a
     source, the unedited runtime floor is measured on the same tokens and reported beside.
+    ``direction`` None compares with ``original_model`` as it is (e.g. a model baked in transformers).
     """
     if not prompts:
         raise CosmicBakeError("no prompts to verify on", "pass --prompts FILE with at least one prompt")
@@ -207,12 +208,12 @@ def verify_gguf(
             "compare a baked model with the model it was baked from",
         )
     r = direction.direction if isinstance(direction, Direction) else direction
-    iv = Intervention.remove(r)
+    ivs = () if r is None else (Intervention.remove(r),)
     t0 = time.perf_counter()
     totals, floor = _Totals(), _Totals()
     for prompt in prompts:
         ids = _ids(fmt, prompt)
-        with intervene(arch, iv):
+        with intervene(arch, *ivs):
             hooked = original_model(input_ids=ids, use_cache=False).logits[0]
         totals.add(hooked, torch.from_numpy(baked.logits(ids[0].tolist())))
         if source is not None:
