@@ -141,16 +141,17 @@ def verify(
 # llama.cpp's CPU kernels round activations to 8 bits (or to f16) before quantized (or half)
 # matrix products, so even an unedited file differs from transformers by the "runtime floor"
 # that verify also measures; the gates sit above that floor and below what a wrong edit gives
-# (removing the direction wrongly moves mean KL by ~1e-2 and more on these models).
+# (removing the direction wrongly moves mean KL by ~1e-2 and more on these models). Top-1 gates
+# are loose for quantized files: near-ties flip (and MoE routing flips whole experts).
 GGUF_TOLERANCES: dict[str, tuple[float, float]] = {
     "F32": (1e-6, 0.999),
     "F16": (2e-3, 0.98),
     "BF16": (5e-3, 0.97),
-    "8-bit": (1e-2, 0.95),
-    "6-bit": (2e-2, 0.93),
-    "5-bit": (4e-2, 0.90),
-    "4-bit": (8e-2, 0.85),
-    "lower": (2e-1, 0.75),
+    "8-bit": (1e-2, 0.90),
+    "6-bit": (2e-2, 0.88),
+    "5-bit": (4e-2, 0.85),
+    "4-bit": (8e-2, 0.80),
+    "lower": (2e-1, 0.70),
 }
 
 

@@ -309,12 +309,13 @@ def test_cli_bake_then_verify(tiny_model_factory, tmp_path):
     assert res.exit_code == 1 and "FAIL" in res.output
 
 
-def test_cli_gguf_format_is_not_yet(tiny_model_factory, tmp_path):
+def test_cli_gguf_format_needs_a_gguf_file_name(tiny_model_factory, tmp_path):
     source = tiny_model_factory("llama", num_layers=4)
     res = CliRunner().invoke(
         bake_cmd, [str(source), "--direction", str(tmp_path), "--format", "gguf", "-o", str(tmp_path / "x")]
     )
-    assert isinstance(res.exception, CosmicBakeError) and "not available yet" in str(res.exception)
+    assert isinstance(res.exception, CosmicBakeError) and "does not end in .gguf" in str(res.exception)
+    assert not (tmp_path / "x").exists()
 
 
 def test_kill_mid_write_leaves_no_complete_looking_output(tiny_model_factory, tmp_path):

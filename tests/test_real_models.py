@@ -114,3 +114,36 @@ def test_qwen_candidates_and_eval_layers_match_official_code():
     ranked = json.loads((REFERENCE / "eval_layers_ranked.json").read_text())["ranked_layers"]
     assert eval_layers(cands.similarities) == ranked[:2] == [19, 18]
     torch.testing.assert_close(torch.tensor(eval_layers(cands.similarities, 24)), torch.tensor(ranked), rtol=0, atol=0)
+
+
+def test_smollm2_q4_1_gguf_bake_verify_and_chat_in_llama_cpp(smol_run, tmp_path):
+    """Q4_1 GGUF in, GGUF out: untouched tensors byte-identical, verify in llama.cpp, llama.cpp chat."""
+    import hashlib
+
+    import llama_cpp
+
+    from cosmic_bake.export.gguf_io import open_gguf
+    from cosmic_bake.model.builtin import fetch_builtin
+
+    out = tmp_path / "smol-baked.gguf"
+    _ok(["bake", SMOL, "--direction", str(smol_run), "--format", "gguf", "-o", str(out)])
+    manifest = json.loads((tmp_path / "smol-baked.gguf.manifest.json").read_text())
+    assert manifest["bake"]["route"] == "gguf-to-gguf" and manifest["files"]["smol-baked.gguf"]
+
+    def hashes(path):
+        return {t.name: hashlib.sha256(bytes(t.data)).hexdigest() for t in open_gguf(path).tensors}
+
+    src, baked = hashes(fetch_builtin("smollm2-135m-instruct")), hashes(out)
+    edited = set(manifest["bake"]["types"])
+    assert len(edited) == 1 + 2 * 30  # embedding, 30 attention outputs, 30 MLP down projections
+    assert all(baked[n] == h for n, h in src.items() if n not in edited)
+    assert baked["output.weight"] == src["token_embd.weight"]  # tied: the original head is kept
+    verify_json = tmp_path / "verify.json"
+    _ok(["verify", SMOL, str(out), "--direction", str(smol_run), "--limit", "2", "-o", str(verify_json)])
+    v = json.loads(verify_json.read_text())
+    assert v["passed"] and v["runtime"] == "llama.cpp" and v["runtime_floor"]["mean_kl"] > 0
+    llm = llama_cpp.Llama(str(out), n_ctx=256, verbose=False)
+    reply = llm.create_chat_completion(
+        messages=[{"role": "user", "content": "Name a colour."}], max_tokens=8, temperature=0
+    )
+    assert reply["choices"][0]["message"]["content"].strip()

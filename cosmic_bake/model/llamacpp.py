@@ -19,6 +19,9 @@ import numpy as np
 from cosmic_bake.errors import CosmicBakeError, first_line
 
 
+GGML_F32 = 0  # ggml_type of float32 (KV cache type)
+
+
 def _threads() -> int:
     import torch
 
@@ -44,6 +47,9 @@ class LlamaCppModel:
                 logits_all=all_logits,
                 n_threads=threads or _threads(),
                 verbose=False,
+                # Verification keeps the KV cache in f32: llama.cpp's default f16 cache alone moves
+                # logits by ~1e-6 KL, which would hide weight errors of that size.
+                **({"type_k": GGML_F32, "type_v": GGML_F32} if all_logits else {}),
             )
         except Exception as err:  # noqa: BLE001 - llama.cpp reports load failures as ValueError
             raise CosmicBakeError(
