@@ -32,10 +32,27 @@ def main() -> None:
     ref = args.reference
     with tempfile.TemporaryDirectory() as tmp:
         run = Path(tmp) / "run"
-        cmd = [sys.executable, "-m", "cosmic_bake.cli", "select", args.model, "-o", str(run),
-               "--harmful", str(ref / "harmful_train.json"), "--harmless", str(ref / "harmless_train.json"),
-               "--harmful-val", str(ref / "harmful_val.json"), "--harmless-val", str(ref / "harmless_val.json"),
-               "--chat-template", TEMPLATE, "--batch-size", "32"]
+        cmd = [
+            sys.executable,
+            "-m",
+            "cosmic_bake.cli",
+            "select",
+            args.model,
+            "-o",
+            str(run),
+            "--harmful",
+            str(ref / "harmful_train.json"),
+            "--harmless",
+            str(ref / "harmless_train.json"),
+            "--harmful-val",
+            str(ref / "harmful_val.json"),
+            "--harmless-val",
+            str(ref / "harmless_val.json"),
+            "--chat-template",
+            TEMPLATE,
+            "--batch-size",
+            "32",
+        ]
         t = time.perf_counter()
         subprocess.run(cmd, check=True)
         wall = time.perf_counter() - t

@@ -18,7 +18,6 @@ import numpy as np
 
 from cosmic_bake.errors import CosmicBakeError, first_line
 
-
 GGML_F32 = 0  # ggml_type of float32 (KV cache type)
 
 
