@@ -43,6 +43,19 @@ class Direction:
         """SHA-256 of the direction's float64 bytes: names this exact direction in manifests."""
         return sha256_bytes(self.direction.double().contiguous().numpy().tobytes())
 
+    def record(self) -> dict:
+        """What a manifest says about this direction (enough to find and check the artifact)."""
+        return {
+            "sha256_float64": self.digest,
+            "layer": self.layer,
+            "position": self.position,
+            "mode": self.mode,
+            "selector": self.selector,
+            "alpha": self.alpha,
+            "model_id": self.model_id,
+            "model_hash": self.model_hash,
+        }
+
     def save(self, folder: Path) -> Path:
         meta = {
             "layer": str(self.layer),

@@ -513,16 +513,7 @@ def bake_folder(
 
 def _manifest_extra(report: BakeReport, d: Direction, scores: dict | None, plan: BakePlan) -> dict:
     return {
-        "direction": {
-            "sha256_float64": d.digest,
-            "layer": d.layer,
-            "position": d.position,
-            "mode": d.mode,
-            "selector": d.selector,
-            "alpha": d.alpha,
-            "model_id": d.model_id,
-            "model_hash": d.model_hash,
-        },
+        "direction": d.record(),
         "scores": scores,
         "bake": {
             "embeddings": report.embeddings,

@@ -105,7 +105,7 @@ def test_transformers_model_to_gguf_equals_hook(arch, outtype, tiny_model_factor
         assert report.mean_kl <= GGUF_TOLERANCES["F32"][0] and report.top1_agreement >= 0.999
 
 
-@pytest.mark.parametrize("arch", ["llama", "qwen2", "gemma2", "qwen2_moe", "phi3"])
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "gemma2", "gemma3_text", "mixtral", "qwen2_moe", "phi3"])
 def test_gguf_to_gguf_keeps_untouched_bytes_and_equals_hook(arch, tiny_model_factory, tmp_path):
     folder = tiny_model_factory(arch, tied=True, bias=arch not in NO_BIAS_IN_LLAMACPP)
     source = tmp_path / "source.gguf"
