@@ -26,6 +26,7 @@ from tiny_models import ARCHS
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import cosmic_bake.export.gguf_convert as gc_mod
+import cosmic_bake.export.gguf_vocab as gguf_vocab
 from cosmic_bake.errors import CosmicBakeError
 from cosmic_bake.export.gguf_convert import SUPPORTED_MODEL_TYPES, ConvertReport, convert_folder
 
@@ -218,7 +219,7 @@ def _with_pre_tokenizer(folder: Path, dest: Path, pre_tokenizer: dict) -> Path:
                 "pretokenizers": [
                     {
                         "type": "Split",
-                        "pattern": {"Regex": gc_mod._LLAMA3_REGEX},
+                        "pattern": {"Regex": gguf_vocab._LLAMA3_REGEX},
                         "behavior": "Isolated",
                         "invert": False,
                     },
