@@ -154,6 +154,7 @@ def bake_cmd(
 
 def _bake_gguf(model, run_dir, out, outtype, edited_type, always, embeddings, force, allow_mismatch) -> None:
     from cosmic_bake.bake_gguf import bake_to_gguf, manifest_path
+    from cosmic_bake.verify import gguf_class
 
     bake = bake_to_gguf(
         model,
@@ -187,6 +188,13 @@ def _bake_gguf(model, run_dir, out, outtype, edited_type, always, embeddings, fo
     _table(rows)
     for warning in bake.get("warnings", []):
         click.echo(f"warning: {warning}", err=True)
+    low = [n for n, t in bake.get("types", {}).items() if gguf_class(t.split(" -> ")[1]) in ("5-bit", "4-bit", "lower")]
+    if low:
+        click.echo(
+            f"note: {len(low)} edited tensors keep a 4/5-bit type, whose rounding partly restores the removed "
+            "direction; --edited-type-always writes them as --edited-type (q8_0) and follows the hook more closely",
+            err=True,
+        )
 
 
 def _verify_gguf(a, arch, baked: str, direction, prompts: list[str], fmt):
