@@ -31,6 +31,7 @@ room for the bias that affine / additive edits need.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import shutil
 import time
@@ -43,6 +44,7 @@ import torch
 
 from cosmic_bake import __version__
 from cosmic_bake.artifacts import SELECTION_FILE, Direction
+from cosmic_bake.bake_constant import ConstantPlacement, place_constant
 from cosmic_bake.errors import CosmicBakeError
 from cosmic_bake.export import safetensors_io
 from cosmic_bake.export.card import CARD_FILE, base_model_id, model_card
@@ -63,6 +65,7 @@ from cosmic_bake.export.safetensors_io import (
     write_shards,
 )
 from cosmic_bake.math.projections import project_out_cols_, project_out_rows_, unit
+from cosmic_bake.model.hooks import BAKED_MODES, Intervention, baked_hook
 from cosmic_bake.model.layout import Layout, model_layout, text_config
 from cosmic_bake.outputs import MANIFEST, atomic_dir, check_target, manifest, source_record, write_json
 
@@ -74,7 +77,7 @@ _NOT_COPIED = {CARD_FILE, MANIFEST, INDEX_FILE, "config.json"}
 # Plan: one edit per output tensor
 
 
-KINDS = ("rows", "expert_rows", "cols", "expert_cols", "bias", "copy")
+KINDS = ("rows", "expert_rows", "cols", "expert_cols", "bias", "copy", "zeros")
 
 
 @dataclass(frozen=True)
@@ -93,6 +96,9 @@ class TensorEdit:
     kind: str
     vector: str | None = None
     writer: str | None = None  # in-memory writer module, for the report
+    constant: bool = False  # then add the baked constant (added vector / scale) after the edit
+    shape: tuple[int, ...] | None = None  # for kind "zeros" (a new bias the output config needs)
+    dtype: str | None = None
 
 
 @dataclass
@@ -144,9 +150,11 @@ def _weight_kind(info: TensorInfo, d: int, memory: str) -> str:
     )
 
 
-def _edit_for(layout: Layout, info: TensorInfo, embeddings: str) -> TensorEdit:
+def _edit_for(layout: Layout, info: TensorInfo, embeddings: str, remove: bool = True) -> TensorEdit:
     memory = layout.memory_name(info.name)
     role = layout.writers.get(memory)
+    if not remove:
+        return TensorEdit(info.name, info.name, "copy")
     if role is not None:
         if info.dtype not in ("F64", "F32", "F16", "BF16"):
             raise CosmicBakeError(
@@ -171,9 +179,20 @@ def _disk_names(layout: Layout, listing: Listing) -> dict[str, list[str]]:
 
 
 def plan_bake(
-    layout: Layout, listing: Listing, *, embeddings: str = "untie", max_shard_size: int | None = None
+    layout: Layout,
+    listing: Listing,
+    *,
+    embeddings: str = "untie",
+    max_shard_size: int | None = None,
+    remove: bool = True,
+    embedding_changes: bool | None = None,
 ) -> BakePlan:
-    """Decide every output tensor's edit and the shard layout; reads no tensor data."""
+    """Decide every output tensor's edit and the shard layout; reads no tensor data.
+
+    ``remove`` False plans no removal (mode ``add``: only the constant, planned by the caller);
+    ``embedding_changes`` says whether the embedding is written changed (default: ``remove``),
+    which is when a tied head must be untied.
+    """
     if embeddings not in EMBEDDINGS:
         raise CosmicBakeError(f"unknown embeddings handling '{embeddings}'", f"use one of {', '.join(EMBEDDINGS)}")
     on_disk = _disk_names(layout, listing)
@@ -188,10 +207,10 @@ def plan_bake(
         if norm not in on_disk:
             raise CosmicBakeError(f"the checkpoint has no tensor for the norm {norm}", "re-download the model")
         gains[f"{block}.{part}"] = on_disk[norm][0]
-    edits = {name: _edit_for(layout, info, embeddings) for name, info in listing.tensors.items()}
+    edits = {name: _edit_for(layout, info, embeddings, remove) for name, info in listing.tensors.items()}
     # Untying always writes tie_word_embeddings: false; the head tensor is added unless the
     # checkpoint already stores one (then it holds the original embedding and is copied as is).
-    untie = layout.tied and embeddings == "untie"
+    untie = layout.tied and embeddings == "untie" and (remove if embedding_changes is None else embedding_changes)
     embed_disk = on_disk[layout.embed][0]
     order = list(listing.tensors)
     if untie and layout.lm_head not in on_disk:
@@ -269,28 +288,49 @@ def edit_vectors(plan: BakePlan, listing: Listing, r_hat: torch.Tensor) -> dict[
 
 
 def shard_sources(
-    plan: BakePlan, listing: Listing, vectors: dict[str, torch.Tensor]
+    plan: BakePlan, listing: Listing, vectors: dict[str, torch.Tensor], constant: torch.Tensor | None = None
 ) -> dict[str, dict[str, TensorSource]]:
-    """Per output shard, what each tensor is written from: its source bytes, or an edit made when written."""
+    """Per output shard, what each tensor is written from: its source bytes, or an edit made when written.
+
+    ``constant`` (float64, already divided by the embedding scale where it goes to the embedding)
+    is added to every row of the tensors whose edit has ``constant`` set.
+    """
     shards: dict[str, dict[str, TensorSource]] = {}
     for file, edits in plan.shards.items():
         shards[file] = {}
         for e in edits:
+            c = constant if e.constant else None
+            if e.kind == "zeros":
+                shards[file][e.name] = DeferredTensor(e.dtype, e.shape, _zeros_plus(e.shape, e.dtype, c))
+                continue
             info = listing.tensors[e.source]
             path = listing.folder / info.file
-            if e.kind == "copy":
+            if e.kind == "copy" and c is None:
                 shards[file][e.name] = StoredTensor(path, info)
             else:
-                shards[file][e.name] = _edited(path, info, e.kind, vectors.get(e.vector) if e.vector else None)
+                shards[file][e.name] = _edited(path, info, e.kind, vectors.get(e.vector) if e.vector else None, c)
     return shards
 
 
-def _edited(path: Path, info: TensorInfo, kind: str, v: torch.Tensor | None) -> DeferredTensor:
-    """The edited tensor, read and edited only when the writer reaches it."""
+def _zeros_plus(shape: tuple[int, ...], dtype: str, c: torch.Tensor | None):
+    def make() -> torch.Tensor:
+        t = torch.zeros(shape, dtype=torch.float64)
+        if c is not None:
+            t += c
+        return t.to(safetensors_io.torch_dtype(dtype))
+
+    return make
+
+
+def _edited(path: Path, info: TensorInfo, kind: str, v: torch.Tensor | None, c: torch.Tensor | None) -> DeferredTensor:
+    """The edited tensor, read and edited only when the writer reaches it (then ``+ c`` on every row)."""
 
     def make() -> torch.Tensor:
         with open(path, "rb") as fh:
-            return apply_edit(read_tensor(fh, info), kind, v)
+            t = apply_edit(read_tensor(fh, info), kind, v)
+        if c is not None:
+            t.copy_(t.double() + c)
+        return t
 
     return DeferredTensor(info.dtype, info.shape, make)
 
@@ -311,9 +351,9 @@ def _one_thread() -> Iterator[None]:
         torch.set_num_threads(before)
 
 
-def edited_config(folder: Path, untie: bool) -> dict:
-    """The source config.json, with ``tie_word_embeddings: false`` (top level and text_config) when untying."""
-    config = json.loads((folder / "config.json").read_text(encoding="utf-8"))
+def edited_config(folder: Path, untie: bool, base: dict | None = None) -> dict:
+    """The source config.json (or ``base``), with ``tie_word_embeddings: false`` when untying."""
+    config = dict(base) if base is not None else json.loads((folder / "config.json").read_text(encoding="utf-8"))
     if untie:
         config["tie_word_embeddings"] = False
         if isinstance(config.get("text_config"), dict):
@@ -369,17 +409,16 @@ class BakeReport:
     timings: dict[str, float]
     copied: list[str] = field(default_factory=list)
     skipped: list[str] = field(default_factory=list)
+    alpha: float = 0.0
+    constant: str = ""  # where an add / affine constant was stored
 
     def to_dict(self) -> dict:
         return asdict(self)
 
 
 def _check_direction(direction: Direction, d_model: int, source_hash: str, allow_mismatch: bool) -> None:
-    if direction.mode != "ablate":
-        raise CosmicBakeError(
-            f"cannot bake a direction of mode '{direction.mode}': affine/add baking comes in a later release",
-            "select with --mode ablate, or use the runtime hook (cosmic-bake eval --intervention affine)",
-        )
+    if direction.mode not in BAKED_MODES:
+        raise CosmicBakeError(f"cannot bake mode '{direction.mode}'", f"use one of {', '.join(BAKED_MODES)}")
     size = direction.direction.numel()
     if direction.direction.ndim != 1 or size != d_model:
         raise CosmicBakeError(
@@ -392,6 +431,16 @@ def _check_direction(direction: Direction, d_model: int, source_hash: str, allow
             f"hash {direction.model_hash[:12]}) than the one being baked (hash {source_hash[:12]})",
             "select a direction on this model, or pass --allow-mismatch if it is the same weights in another file",
         )
+
+
+def with_mode(d: Direction, mode: str | None, alpha: float | None) -> Direction:
+    """``d`` with the baked mode and alpha the user chose (default: the artifact's own)."""
+    return dataclasses.replace(d, mode=mode or d.mode, alpha=d.alpha if alpha is None else float(alpha))
+
+
+def hook_of(d: Direction) -> Intervention:
+    """The runtime hook a checkpoint baked from ``d`` equals."""
+    return baked_hook(d.mode, d.direction, d.reference, d.layer, d.alpha)
 
 
 def _load_direction(direction: Direction | str | Path) -> tuple[Direction, dict | None]:
@@ -434,6 +483,8 @@ def bake_folder(
     max_shard_size: str | int | None = None,
     allow_mismatch: bool = False,
     source=None,
+    mode: str | None = None,
+    alpha: float | None = None,
 ) -> BakeReport:
     """Bake linear removal of ``direction`` into the safetensors model in ``source_folder``; write ``out``.
 
@@ -441,8 +492,10 @@ def bake_folder(
     manifest). ``source`` is the :class:`~cosmic_bake.model.loading.ModelSource` the user named,
     when ``source_folder`` stands in for it (a GGUF's dequantized cache): the direction's model
     hash is checked against, and the manifest records, that source. ``max_shard_size`` reshards
-    the output (default: the source's shard files, same names). Returns a :class:`BakeReport`;
-    its ``warnings`` say when the result differs from the runtime hook.
+    the output (default: the source's shard files, same names). ``mode`` / ``alpha`` override
+    the artifact's (``ablate``, ``add``, ``affine``; see :func:`~cosmic_bake.model.hooks.baked_hook`
+    for the hook each equals, :mod:`cosmic_bake.bake_constant` for where the constant goes).
+    Returns a :class:`BakeReport`; its ``warnings`` say when the result differs from the hook.
     """
     from cosmic_bake.model.loading import ModelSource
     from cosmic_bake.run_select import model_hash
@@ -454,6 +507,7 @@ def bake_folder(
         raise CosmicBakeError(f"{folder} has no config.json", "pass a transformers model folder or a .gguf file")
     check_target(out, force=force, protect=[folder] + ([source.path] if getattr(source, "path", None) else []))
     d, scores = _load_direction(direction)
+    d = with_mode(d, mode, alpha)
     config = _load_config(folder)
     d_model = int(getattr(text_config(config), "hidden_size", 0) or 0)
     src = source or ModelSource(str(folder), "folder", path=folder)
@@ -463,20 +517,41 @@ def bake_folder(
     _check_direction(d, d_model, model_hash(record), allow_mismatch)
     listing = list_weights(folder)
     layout = model_layout(config)
-    plan = plan_bake(layout, listing, embeddings=embeddings, max_shard_size=parse_size(max_shard_size))
+    placement = None
+    if d.mode != "ablate":
+        shapes = {n: (tuple(i.shape), i.dtype) for n, i in listing.tensors.items()}
+        source_config = json.loads((folder / "config.json").read_text(encoding="utf-8"))
+        placement = place_constant(layout, shapes, source_config, d.layer, layout.embed_scale)
+        if placement.kind == "embedding" and embeddings == "skip":
+            raise CosmicBakeError(
+                "the constant of a layer-0 edit goes into the embedding, which --embeddings skip leaves alone",
+                "drop --embeddings skip",
+            )
+    plan = plan_bake(
+        layout,
+        listing,
+        embeddings=embeddings,
+        max_shard_size=parse_size(max_shard_size),
+        remove=d.mode != "add",
+        embedding_changes=d.mode != "add" or (placement is not None and placement.kind == "embedding"),
+    )
+    constant = None
+    if placement is not None:
+        _add_constant(plan, placement)
+        constant = hook_of(d).constant() / placement.scale
     r_hat = unit(d.direction.double())
     vectors = edit_vectors(plan, listing, r_hat)
     timings = {"plan": time.perf_counter() - t0}
     with atomic_dir(out, force=force, protect=[folder]) as tmp:
         t = time.perf_counter()
-        shards = shard_sources(plan, listing, vectors)
+        shards = shard_sources(plan, listing, vectors, constant)
         with _one_thread():
             write_shards(shards, plan.shard_metadata, tmp, save=safetensors_io.write_safetensors)
         if plan.indexed:
             write_index(tmp, shards, (listing.index or {}).get("metadata"))
         timings["write"] = time.perf_counter() - t
         t = time.perf_counter()
-        config_dict = edited_config(folder, plan.untie)
+        config_dict = edited_config(folder, plan.untie, placement.config if placement else None)
         write_json(tmp / "config.json", config_dict)
         copied, skipped = copy_side_files(folder, tmp)
         report = BakeReport(
@@ -488,6 +563,7 @@ def bake_folder(
             layer=d.layer,
             position=d.position,
             mode=d.mode,
+            alpha=d.alpha,
             selector=d.selector,
             embeddings=embeddings,
             tied=layout.tied,
@@ -503,12 +579,32 @@ def bake_folder(
             copied=copied,
             skipped=skipped,
         )
+        report.constant = placement.note if placement else ""
         base = base_model_id(src, config_dict, d)
         (tmp / CARD_FILE).write_text(model_card(report, plan, src.spec, base), encoding="utf-8")
         manifest(tmp, stage="bake", source=record, extra=_manifest_extra(report, d, scores, plan))
         timings["finish"] = time.perf_counter() - t
     timings["total"] = time.perf_counter() - t0
     return report
+
+
+def _add_constant(plan: BakePlan, placement: ConstantPlacement) -> None:
+    """Mark the tensor that receives the constant; add the zero biases the output config needs."""
+    found = False
+    for edits in plan.shards.values():
+        for i, e in enumerate(edits):
+            if e.name == placement.tensor:
+                edits[i] = dataclasses.replace(e, constant=True)
+                found = True
+    shard_of = {e.name: file for file, edits in plan.shards.items() for e in edits}
+    for name, (shape, dtype) in placement.new_tensors.items():
+        file = shard_of[name.removesuffix(".bias") + ".weight"]
+        plan.shards[file].append(
+            TensorEdit(name, "", "zeros", constant=name == placement.tensor, shape=shape, dtype=dtype)
+        )
+        found = found or name == placement.tensor
+    if not found:  # pragma: no cover - place_constant only names tensors that exist or are new
+        raise RuntimeError(f"no tensor {placement.tensor} to carry the constant")
 
 
 def _manifest_extra(report: BakeReport, d: Direction, scores: dict | None, plan: BakePlan) -> dict:
@@ -521,6 +617,9 @@ def _manifest_extra(report: BakeReport, d: Direction, scores: dict | None, plan:
             "edits": report.edits,
             "writers": report.writers,
             "embeddings_edited": report.embeddings_edited,
+            "mode": report.mode,
+            "alpha": report.alpha,
+            "constant": report.constant,
             "post_norm_gains": dict(sorted(plan.gains.items())),
             "gain_offset": plan.gain_offset,
             "warnings": report.warnings,

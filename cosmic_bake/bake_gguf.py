@@ -210,6 +210,7 @@ def provenance(d: Direction, source_hash: str, extra: dict | None = None) -> dic
     return {
         "cosmic_bake.version": __version__,
         "cosmic_bake.mode": d.mode,
+        "cosmic_bake.alpha": float(d.alpha),
         "cosmic_bake.direction_sha256": d.digest,
         "cosmic_bake.layer": int(d.layer),
         "cosmic_bake.position": int(d.position),
@@ -347,13 +348,15 @@ def bake_to_gguf(
     embeddings: str = "untie",
     force: bool = False,
     allow_mismatch: bool = False,
+    mode: str | None = None,
+    alpha: float | None = None,
 ) -> dict:
     """Bake ``run_dir``'s direction into ``model`` and write ``out`` (a .gguf file) plus its manifest.
 
     ``outtype`` None keeps a GGUF source's tensor types (only edited tensors are re-quantized);
     for other sources it means f16. Returns the bake section of the manifest.
     """
-    from cosmic_bake.bake import _check_direction, _load_direction
+    from cosmic_bake.bake import _check_direction, _load_direction, with_mode
     from cosmic_bake.cli_bake import source_folder
     from cosmic_bake.model.loading import resolve
     from cosmic_bake.outputs import check_target, source_record, write_json
@@ -368,6 +371,7 @@ def bake_to_gguf(
     source = resolve(model)
     check_target(out, force=force, protect=[p for p in [getattr(source, "path", None)] if p])
     d, scores = _load_direction(run_dir)
+    d = with_mode(d, mode, alpha)
     record = source_record(source)
     shash = model_hash(record)
     _check_direction(d, d.direction.numel(), shash, allow_mismatch)
@@ -376,6 +380,11 @@ def bake_to_gguf(
     tmp_manifest = temp_path(manifest_path(out))
     try:
         if source.kind == "gguf" and outtype is None:
+            if d.mode != "ablate":
+                raise CosmicBakeError(
+                    f"mode '{d.mode}' adds a bias, which a GGUF-to-GGUF bake cannot write yet",
+                    "pass --outtype (e.g. q8_0) to bake through safetensors",
+                )
             report = bake_gguf_file(
                 source.path,
                 d,
@@ -388,7 +397,7 @@ def bake_to_gguf(
             bake = {"route": "gguf-to-gguf", **report.to_dict()}
         else:
             folder = source_folder(model)[1]
-            bake = _bake_via_safetensors(folder, source, run_dir, tmp, outtype or "f16", shash, embeddings)
+            bake = _bake_via_safetensors(folder, source, d, tmp, outtype or "f16", shash, embeddings)
         bake["embeddings"] = embeddings
         bake["output"] = str(out)
         bake["seconds"] = time.perf_counter() - t0
@@ -402,7 +411,7 @@ def bake_to_gguf(
 
 
 def _bake_via_safetensors(
-    folder: Path, source, run_dir: Path, out: Path, outtype: str, shash: str, embeddings: str
+    folder: Path, source, d: Direction, out: Path, outtype: str, shash: str, embeddings: str
 ) -> dict:
     """transformers folder -> baked safetensors -> float GGUF -> (llama.cpp quantizer) -> ``out``."""
     from cosmic_bake.bake import bake_folder
@@ -412,8 +421,7 @@ def _bake_via_safetensors(
     with tempfile.TemporaryDirectory(prefix=f".{out.name}.work-", dir=out.parent) as work:
         work = Path(work)
         t = time.perf_counter()
-        report = bake_folder(folder, run_dir, work / "hf", source=source, allow_mismatch=True, embeddings=embeddings)
-        d = Direction.load(run_dir)
+        report = bake_folder(folder, d, work / "hf", source=source, allow_mismatch=True, embeddings=embeddings)
         timings["bake"] = time.perf_counter() - t
         t = time.perf_counter()
         float_type = outtype if outtype in ggml_quant.FLOAT_OUTTYPES else "f32"

@@ -97,6 +97,13 @@ def _table(rows: list[tuple[str, str]]) -> None:
     help="GGUF source: type for edited tensors whose own type cannot hold them.",
 )
 @click.option(
+    "--mode",
+    type=click.Choice(["ablate", "add", "affine"]),
+    default=None,
+    help="Edit to bake (default: the direction's): remove, add alpha*r at its layer, or ACE pinned there.",
+)
+@click.option("--alpha", type=float, default=None, help="Coefficient for add / affine (default: the direction's).")
+@click.option(
     "--edited-type-always",
     is_flag=True,
     help="GGUF source: write every edited tensor as --edited-type (closer to the hook than a 4-bit source type).",
@@ -111,6 +118,8 @@ def bake_cmd(
     max_shard_size,
     allow_mismatch,
     outtype,
+    mode,
+    alpha,
     edited_type,
     edited_type_always,
 ) -> None:
@@ -119,7 +128,19 @@ def bake_cmd(
     from cosmic_bake.outputs import check_target
 
     if out_format == "gguf":
-        _bake_gguf(model, run_dir, out, outtype, edited_type, edited_type_always, embeddings, force, allow_mismatch)
+        _bake_gguf(
+            model,
+            run_dir,
+            out,
+            outtype,
+            edited_type,
+            edited_type_always,
+            embeddings,
+            force,
+            allow_mismatch,
+            mode,
+            alpha,
+        )
         return
     if outtype is not None:
         raise CosmicBakeError("--outtype applies to --format gguf", "drop --outtype, or pass --format gguf")
@@ -134,12 +155,15 @@ def bake_cmd(
         max_shard_size=max_shard_size,
         allow_mismatch=allow_mismatch,
         source=source,
+        mode=mode,
+        alpha=alpha,
     )
     click.echo(f"baked {model} ({report.model_type}, {report.n_layers} layers, d={report.d_model})")
     edits = ", ".join(f"{n} {k}" for k, n in sorted(report.edits.items()))
     _table(
         [
             ("direction", f"layer {report.layer}, position {report.position}, sha256 {report.direction_digest[:12]}"),
+            ("mode", report.mode + ("" if report.mode == "ablate" else f", alpha {report.alpha:g}: {report.constant}")),
             ("writers", f"{len(report.writers)} residual writers, embeddings: {len(report.embeddings_edited)}"),
             ("tensors", edits),
             ("embeddings", embeddings + (" (output head untied)" if report.untied else "")),
@@ -152,7 +176,7 @@ def bake_cmd(
         click.echo(f"warning: {warning}", err=True)
 
 
-def _bake_gguf(model, run_dir, out, outtype, edited_type, always, embeddings, force, allow_mismatch) -> None:
+def _bake_gguf(model, run_dir, out, outtype, edited_type, always, embeddings, force, allow_mismatch, mode, alpha):
     from cosmic_bake.bake_gguf import bake_to_gguf, manifest_path
     from cosmic_bake.verify import gguf_class
 
@@ -166,6 +190,8 @@ def _bake_gguf(model, run_dir, out, outtype, edited_type, always, embeddings, fo
         embeddings=embeddings,
         force=force,
         allow_mismatch=allow_mismatch,
+        mode=mode,
+        alpha=alpha,
     )
     click.echo(f"baked {model} -> {out} ({bake['route']}, {bake.get('architecture', '')})")
     rows = [("tensors", ", ".join(f"{n} {k}" for k, n in sorted(bake["edits"].items())))]
@@ -238,13 +264,17 @@ def verify_cmd(
 ) -> None:
     """Compare BAKED with ORIGINAL + the removal hook; exit 1 if outside tolerance."""
     from cosmic_bake.artifacts import Direction
+    from cosmic_bake.bake import with_mode
     from cosmic_bake.model.architecture import probe
     from cosmic_bake.model.chat import ChatFormat, read_template_option
     from cosmic_bake.model.loading import load_model
     from cosmic_bake.outputs import write_json
-    from cosmic_bake.verify import verify
+    from cosmic_bake.verify import baked_settings, verify
 
     direction = Direction.load(run_dir)
+    settings = baked_settings(baked)
+    if settings is not None:  # verify against the hook of what was actually baked
+        direction = with_mode(direction, *settings)
     prompts = _verify_prompts(prompts_file, column, limit)
     a = load_model(original, dtype=dtype)
     arch = probe(a.model)
@@ -255,7 +285,8 @@ def verify_cmd(
         b = load_model(baked, dtype=dtype)
         report = verify(a.model, arch, b.model, direction, prompts, fmt, batch_size)
     runtime = f"{report.runtime}, {report.weight_type or report.dtype}"
-    click.echo(f"verify {baked} ({runtime}) against {original} + removal hook ({report.n_prompts} prompts)")
+    hook = {"ablate": "removal", "add": "addition", "affine": "pinned affine"}[direction.mode]
+    click.echo(f"verify {baked} ({runtime}) against {original} + {hook} hook ({report.n_prompts} prompts)")
     gate = {"max_kl": "max KL", "mean_kl": "mean KL"}[report.gate]
     rows = [
         ("positions", str(report.n_positions)),

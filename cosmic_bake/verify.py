@@ -75,6 +75,33 @@ class _Totals:
         self.agree += int((h.argmax(-1) == b.argmax(-1)).sum())
 
 
+def _hook(direction: Direction | torch.Tensor) -> Intervention:
+    """The hook a model baked from ``direction`` equals (a bare tensor: removal)."""
+    from cosmic_bake.bake import hook_of
+
+    return hook_of(direction) if isinstance(direction, Direction) else Intervention.remove(direction)
+
+
+def baked_settings(baked: str) -> tuple[str, float] | None:
+    """(mode, alpha) a baked folder's manifest or a baked GGUF's metadata records, if any."""
+    import json
+    from pathlib import Path
+
+    path = Path(baked)
+    if path.suffix.lower() == ".gguf" and path.is_file():
+        from cosmic_bake.export.gguf_io import field_value, open_gguf
+
+        reader = open_gguf(path)
+        mode = field_value(reader, "cosmic_bake.mode")
+        return (str(mode), float(field_value(reader, "cosmic_bake.alpha", 0.0))) if mode else None
+    manifest = path / "manifest.json"
+    if manifest.is_file():
+        bake = json.loads(manifest.read_text(encoding="utf-8")).get("bake") or {}
+        if "mode" in bake:
+            return str(bake["mode"]), float(bake.get("alpha") or 0.0)
+    return None
+
+
 def _dtype_name(model: torch.nn.Module) -> str:
     return str(next(model.parameters()).dtype).removeprefix("torch.")
 
@@ -108,8 +135,7 @@ def verify(
             f"the original has {vocab_a} output tokens but the baked model {vocab_b}",
             "compare a baked model with the model it was baked from",
         )
-    r = direction.direction if isinstance(direction, Direction) else direction
-    iv = Intervention.remove(r)
+    iv = _hook(direction)
     t0 = time.perf_counter()
     totals = _Totals()
     for start in range(0, len(prompts), batch_size):
@@ -208,8 +234,7 @@ def verify_gguf(
             f"the original has {vocab} output tokens but the GGUF {baked.n_vocab}",
             "compare a baked model with the model it was baked from",
         )
-    r = direction.direction if isinstance(direction, Direction) else direction
-    ivs = () if r is None else (Intervention.remove(r),)
+    ivs = () if direction is None else (_hook(direction),)
     t0 = time.perf_counter()
     totals, floor = _Totals(), _Totals()
     for prompt in prompts:

@@ -257,6 +257,11 @@ class DeferredTensor:
 TensorSource = torch.Tensor | StoredTensor | DeferredTensor
 
 
+def torch_dtype(code: str) -> torch.dtype:
+    """safetensors dtype code (``"F32"``) -> torch dtype."""
+    return _DTYPES[code]
+
+
 def dtype_code(dtype: torch.dtype) -> str:
     """The safetensors code of a torch dtype (``torch.bfloat16`` -> ``"BF16"``)."""
     try:

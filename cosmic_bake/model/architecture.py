@@ -284,3 +284,33 @@ def _final_norm(model: nn.Module, layers: nn.ModuleList, names: dict[int, str], 
         f"no final norm found after the last layer of {type(model).__name__}",
         "this model family is not supported; see the README's architecture table",
     )
+
+
+@torch.no_grad()
+def embed_scale(model: nn.Module, arch: Architecture) -> float:
+    """What the model multiplies its embedding rows by before block 0 (1, or ``sqrt(d)`` for Gemma).
+
+    Measured with one forward pass rather than read from a table, so an added constant stored in
+    the embedding (baked ``add`` / ``affine`` at layer 0) is divided by exactly the right number.
+    """
+    seen: list[torch.Tensor] = []
+
+    def grab(_m, args, kwargs):
+        seen.append((args[0] if args else kwargs["hidden_states"]).detach().clone())
+        raise _Seen
+
+    ids = torch.tensor([[1, 2, 3]]) % max(1, arch.embed.weight.shape[0])
+    handle = arch.blocks[0].block.register_forward_pre_hook(grab, with_kwargs=True)
+    try:
+        model(input_ids=ids, use_cache=False)
+    except _Seen:
+        pass
+    finally:
+        handle.remove()
+    rows = arch.embed.weight[ids[0]].double()
+    x = seen[0][0].double()
+    return float((x * rows).sum() / (rows * rows).sum())
+
+
+class _Seen(Exception):
+    """Stops the measuring forward pass at block 0."""

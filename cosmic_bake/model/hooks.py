@@ -24,7 +24,7 @@ from cosmic_bake.errors import CosmicBakeError
 from cosmic_bake.math.projections import unit
 from cosmic_bake.model.architecture import Architecture
 
-KINDS = ("remove", "add", "affine")
+KINDS = ("remove", "add", "affine", "pin")
 
 
 @dataclass(frozen=True)
@@ -35,6 +35,10 @@ class Intervention:
     ``add``: at the input of block ``layer`` only, ``x <- x + alpha * r``.
     ``affine``: at the input of block ``layer``, ``x <- x - (x . r_hat) r_hat + (mu . r_hat) r_hat
     + alpha * r`` (ACE; ``mu`` the harmless mean, the reference point).
+    ``pin``: the affine edit weights can carry exactly (baked ``affine``): removal at the input of
+    block 0 and at every writer output, so no block ever writes along ``r_hat``, plus
+    ``c = (mu . r_hat) r_hat + alpha * r`` added at the input of block ``layer``. The stream's
+    component along ``r_hat`` is then 0 before ``layer`` and pinned to ``c . r_hat`` from there on.
     """
 
     kind: str
@@ -48,7 +52,7 @@ class Intervention:
             raise CosmicBakeError(f"unknown intervention '{self.kind}'", f"use one of {', '.join(KINDS)}")
         if self.kind != "remove" and self.layer is None:
             raise CosmicBakeError(f"the '{self.kind}' intervention needs a layer", "pass the layer of the direction")
-        if self.kind == "affine" and self.reference is None:
+        if self.kind in ("affine", "pin") and self.reference is None:
             raise CosmicBakeError(
                 "the affine intervention needs the harmless reference point", "use a direction artifact from select"
             )
@@ -64,6 +68,37 @@ class Intervention:
     @classmethod
     def affine(cls, r: torch.Tensor, mu: torch.Tensor, layer: int, alpha: float = 0.0) -> Intervention:
         return cls("affine", r, layer, alpha, mu)
+
+    @classmethod
+    def pin(cls, r: torch.Tensor, mu: torch.Tensor, layer: int, alpha: float = 0.0) -> Intervention:
+        return cls("pin", r, layer, alpha, mu)
+
+    def constant(self) -> torch.Tensor:
+        """The vector added at block ``layer``'s input (float64): ``alpha r``, or ACE's target."""
+        r = self.direction.detach().to(torch.float64)
+        if self.kind == "add":
+            return self.alpha * r
+        mu = self.reference.detach().to(torch.float64)
+        r_hat = unit(r)
+        return (mu @ r_hat) * r_hat + self.alpha * r
+
+
+BAKED_MODES = ("ablate", "add", "affine")
+
+
+def baked_hook(mode: str, r: torch.Tensor, mu: torch.Tensor, layer: int, alpha: float) -> Intervention:
+    """The runtime hook that a checkpoint baked in ``mode`` equals (what ``verify`` compares with).
+
+    ``ablate`` -> ``remove``; ``add`` -> ``add`` at ``layer``; ``affine`` -> ``pin`` (removal by
+    every writer plus ACE's constant at ``layer``: the affine form weights can carry exactly).
+    """
+    if mode == "ablate":
+        return Intervention.remove(r)
+    if mode == "add":
+        return Intervention.add(r, layer, alpha)
+    if mode == "affine":
+        return Intervention.pin(r, mu, layer, alpha)
+    raise CosmicBakeError(f"unknown baked mode '{mode}'", f"use one of {', '.join(BAKED_MODES)}")
 
 
 def _hidden(args: tuple, kwargs: dict) -> torch.Tensor:
@@ -148,25 +183,26 @@ def register(arch: Architecture, iv: Intervention) -> list[torch.utils.hooks.Rem
             "use a direction selected on this model",
         )
     r_hat = unit(r)
-    handles = []
-    if iv.kind == "remove":
-        cast = _Cast(r_hat)
-        for b, (u_attn, u_mlp) in zip(arch.blocks, writer_directions(arch, r_hat)):
-            handles.append(b.block.register_forward_pre_hook(_remove_pre(cast), with_kwargs=True))
-            handles.append(b.attn.register_forward_hook(_remove_out(cast if u_attn is r_hat else _Cast(u_attn))))
-            handles.append(b.mlp.register_forward_hook(_remove_out(cast if u_mlp is r_hat else _Cast(u_mlp))))
-        return handles
-    if not 0 <= iv.layer < arch.n_layers:
+    if iv.kind != "remove" and not 0 <= iv.layer < arch.n_layers:
         raise CosmicBakeError(
             f"layer {iv.layer} is out of range for a {arch.n_layers}-layer model",
             "use a direction selected on this model",
         )
+    handles = []
+    if iv.kind in ("remove", "pin"):
+        cast = _Cast(r_hat)
+        for i, (b, (u_attn, u_mlp)) in enumerate(zip(arch.blocks, writer_directions(arch, r_hat))):
+            if iv.kind == "remove" or i == 0:
+                handles.append(b.block.register_forward_pre_hook(_remove_pre(cast), with_kwargs=True))
+            handles.append(b.attn.register_forward_hook(_remove_out(cast if u_attn is r_hat else _Cast(u_attn))))
+            handles.append(b.mlp.register_forward_hook(_remove_out(cast if u_mlp is r_hat else _Cast(u_mlp))))
+        if iv.kind == "remove":
+            return handles
     block = arch.blocks[iv.layer].block
-    if iv.kind == "add":
-        handles.append(block.register_forward_pre_hook(_add_pre(_Cast(iv.alpha * r)), with_kwargs=True))
+    if iv.kind in ("add", "pin"):
+        handles.append(block.register_forward_pre_hook(_add_pre(_Cast(iv.constant())), with_kwargs=True))
     else:
-        mu = iv.reference.detach().to(torch.float64)
-        target = (mu @ r_hat) * r_hat + iv.alpha * r
+        target = iv.constant()
         handles.append(block.register_forward_pre_hook(_affine_pre(_Cast(r_hat), _Cast(target)), with_kwargs=True))
     return handles
 

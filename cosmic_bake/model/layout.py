@@ -45,6 +45,7 @@ class Layout:
     n_layers: int
     tied: bool
     gain_offset: float  # 1.0 for Gemma-style norms (gain = 1 + weight)
+    embed_scale: float  # what embedding rows are multiplied by before block 0 (Gemma: sqrt(d))
     embed: str  # token embedding weight
     extra_embeds: list[str]  # additive position / token-type embeddings
     lm_head: str
@@ -118,7 +119,7 @@ def model_layout(config) -> Layout:
 
     See the module docstring for why a meta skeleton plus a small real instance is probed.
     """
-    from cosmic_bake.model.architecture import _find_layers, probe
+    from cosmic_bake.model.architecture import _find_layers, embed_scale, probe
 
     text = text_config(config)
     n_layers = int(getattr(text, "num_hidden_layers", 0) or 0)
@@ -143,6 +144,7 @@ def model_layout(config) -> Layout:
         n_layers=n_layers,
         tied=arch.tied,
         gain_offset=arch.gain_offset,
+        embed_scale=embed_scale(small, arch),
         embed=arch.name_of(arch.embed) + ".weight",
         extra_embeds=_extra_embeddings(small, arch),
         lm_head=arch.name_of(arch.lm_head) + ".weight",
