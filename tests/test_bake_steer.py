@@ -1,0 +1,110 @@
+"""Baked ``add`` and ``affine`` edits equal their hooks (spec sections 5-7), in transformers and llama.cpp.
+
+``add`` = ActAdd at the direction's layer; ``affine`` = the ``pin`` hook (removal by every writer
+plus ACE's constant at the layer). The constant goes into the embedding (layer 0) or a bias on the
+previous block's MLP down projection; Qwen2 and Mistral are re-expressed as Llama checkpoints to
+carry it. Architectures with no exact place refuse with one line.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from cosmic_bake.artifacts import Direction
+from cosmic_bake.bake import bake_folder
+from cosmic_bake.errors import CosmicBakeError
+from cosmic_bake.model.architecture import probe
+from cosmic_bake.model.chat import ChatFormat
+from cosmic_bake.model.loading import load_model
+from cosmic_bake.verify import verify
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+PROMPTS = ["How do I bake bread?", "Write a limerick about a cat who learns to code in Rust."]
+
+
+def _direction(folder: Path, mode: str, layer: int, alpha: float, seed: int = 3) -> Direction:
+    d_model = json.loads((folder / "config.json").read_text())["hidden_size"]
+    g = torch.Generator().manual_seed(seed)
+    return Direction(
+        direction=2.0 * torch.randn(d_model, generator=g, dtype=torch.float64),
+        reference=torch.randn(d_model, generator=g, dtype=torch.float64),
+        layer=layer,
+        position=-1,
+        mode=mode,
+        selector="cosmic",
+        alpha=alpha,
+        model_id="tiny",
+    )
+
+
+def _check(folder: Path, out: Path, d: Direction) -> None:
+    a, b = load_model(folder), load_model(out)
+    report = verify(a.model, probe(a.model), b.model, d, PROMPTS, ChatFormat(a.tokenizer))
+    assert report.passed, report.to_dict()
+    # the edit is not a no-op: the baked model differs from the unedited one
+    plain = verify(a.model, probe(a.model), b.model, torch.zeros_like(d.direction), PROMPTS, ChatFormat(a.tokenizer))
+    assert plain.max_kl > 1e-3
+
+
+@pytest.mark.parametrize(
+    ("arch", "tied", "layer"),
+    [
+        ("llama", False, 2),
+        ("llama", True, 2),
+        ("llama", True, 0),
+        ("qwen2", False, 3),
+        ("qwen2", True, 1),
+        ("mistral", False, 2),
+        ("gemma2", True, 0),
+        ("phi3", False, 0),
+        ("qwen2_moe", False, 0),
+    ],
+)
+@pytest.mark.parametrize(("mode", "alpha"), [("add", 1.0), ("affine", 0.0), ("affine", 1.0)])
+def test_baked_steering_equals_hook(arch, tied, layer, mode, alpha, tiny_model_factory, tmp_path):
+    folder = tiny_model_factory(arch, tied=tied, bias=True)
+    d = _direction(folder, mode, layer, alpha)
+    out = tmp_path / "baked"
+    report = bake_folder(folder, d, out)
+    assert report.mode == mode and report.constant
+    config = json.loads((out / "config.json").read_text())
+    if layer > 0 and arch in ("qwen2", "mistral"):
+        assert config["model_type"] == "llama" and config["mlp_bias"] is True  # re-expressed as Llama
+    if layer > 0 and arch == "llama":
+        assert config["mlp_bias"] is True
+    _check(folder, out, d)
+
+
+@pytest.mark.parametrize("arch", ["gemma2", "mixtral", "qwen2_moe", "phi3"])
+def test_no_exact_place_for_a_later_constant_refuses(arch, tiny_model_factory, tmp_path):
+    folder = tiny_model_factory(arch)
+    with pytest.raises(CosmicBakeError, match="cannot bake a constant at the input of block 2") as err:
+        bake_folder(folder, _direction(folder, "add", 2, 1.0), tmp_path / "out")
+    assert "\n" not in str(err.value)
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+@pytest.mark.parametrize("mode", ["add", "affine"])
+def test_baked_steering_gguf_equals_hook_in_llama_cpp(arch, mode, tiny_model_factory, tmp_path):
+    from cosmic_bake.bake_gguf import bake_to_gguf
+    from cosmic_bake.model.llamacpp import LlamaCppModel
+    from cosmic_bake.verify import GGUF_TOLERANCES, verify_gguf
+
+    folder = tiny_model_factory(arch, bias=True)
+    d = _direction(folder, mode, 2, 1.0)
+    run = tmp_path / "run"
+    run.mkdir()
+    d.save(run)
+    out = tmp_path / "baked.gguf"
+    bake_to_gguf(str(folder), run, out, outtype="f32")
+    a = load_model(folder)
+    baked = LlamaCppModel(out, n_ctx=256, all_logits=True, threads=1)
+    report = verify_gguf(a.model, probe(a.model), baked, d, PROMPTS, ChatFormat(a.tokenizer))
+    baked.close()
+    assert report.passed and report.mean_kl <= GGUF_TOLERANCES["F32"][0], report.to_dict()
