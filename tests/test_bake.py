@@ -245,10 +245,11 @@ def test_direction_from_another_model(tiny_model_factory, tmp_path):
     assert bake_folder(source, other, tmp_path / "baked", allow_mismatch=True).files == ["model.safetensors"]
 
 
-def test_affine_mode_is_refused(tiny_model_factory, tmp_path):
+def test_unknown_mode_is_refused(tiny_model_factory, tmp_path):
     source = tiny_model_factory("llama", num_layers=4)
-    with pytest.raises(CosmicBakeError, match="later release"):
-        bake_folder(source, random_direction(source, mode="affine"), tmp_path / "baked")
+    with pytest.raises(CosmicBakeError, match="cannot bake mode 'scale'"):
+        bake_folder(source, random_direction(source, mode="scale"), tmp_path / "baked")
+    assert not (tmp_path / "baked").exists()
 
 
 def test_output_inside_source_and_existing_output(tiny_model_factory, tmp_path):
