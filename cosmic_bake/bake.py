@@ -417,6 +417,11 @@ class BakeReport:
 
 
 def _check_direction(direction: Direction, d_model: int, source_hash: str, allow_mismatch: bool) -> None:
+    if direction.mode == "ace":
+        raise CosmicBakeError(
+            "ACE applied at one layer cannot be carried by weights exactly",
+            "select with --mode affine (its bakeable form), or bake with --mode affine",
+        )
     if direction.mode not in BAKED_MODES:
         raise CosmicBakeError(f"cannot bake mode '{direction.mode}'", f"use one of {', '.join(BAKED_MODES)}")
     size = direction.direction.numel()

@@ -131,7 +131,13 @@ def models_cmd() -> None:
 @cli.command("select")
 @click.argument("model", default=DEFAULT_MODEL, required=False)
 @click.option("-o", "--output", "out", required=True, type=click.Path(path_type=Path), help="Run folder to write.")
-@click.option("--mode", type=click.Choice(["ablate", "affine"]), default="ablate", show_default=True)
+@click.option(
+    "--mode",
+    type=click.Choice(["ablate", "affine", "ace"]),
+    default="ablate",
+    show_default=True,
+    help="Score removal (ablate), the bakeable affine edit (affine), or the paper's one-layer ACE (ace, hook only).",
+)
 @click.option("--selector", type=click.Choice(["cosmic", "refusal-score"]), default="cosmic", show_default=True)
 @click.option("--harmful", default="builtin:harmful", show_default=True, help="Harmful prompts (file or Hub dataset).")
 @click.option("--harmless", default="builtin:harmless", show_default=True, help="Harmless prompts.")
@@ -218,7 +224,7 @@ def select_cmd(
 @click.option("--direction", "run_dir", default=None, type=click.Path(path_type=Path), help="RUN_DIR from select.")
 @click.option(
     "--intervention",
-    type=click.Choice(["none", "remove", "add", "affine"]),
+    type=click.Choice(["none", "remove", "add", "affine", "pin"]),
     default=None,
     help="Hook to apply (default: remove when --direction is given, else none).",
 )
@@ -297,6 +303,7 @@ def eval_cmd(
             "remove": lambda: Intervention.remove(d.direction),
             "add": lambda: Intervention.add(d.direction, d.layer, 1.0 if alpha is None else alpha),
             "affine": lambda: Intervention.affine(d.direction, d.reference, d.layer, a),
+            "pin": lambda: Intervention.pin(d.direction, d.reference, d.layer, a),
         }[kind]()
     rep = evaluate(
         lm,

@@ -84,7 +84,7 @@ def run_select(
         position=pos,
         mode=mode,
         selector=selector,
-        alpha=0.0 if mode == "affine" else 1.0,
+        alpha=0.0 if mode in ("affine", "ace") else 1.0,
         model_id=lm.source.spec,
         model_hash=model_hash(src),
     )

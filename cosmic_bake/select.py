@@ -3,8 +3,10 @@
 COSMIC (spec sections 1-4) scores every (position, layer) candidate by cosine similarity of
 block outputs, never by reading the model's text. The refusal-token baseline of Arditi et al.
 (``selector="refusal-score"``) is here for comparison. Score with the intervention you will ship:
-``mode="ablate"`` scores linear removal and addition (LCE), ``mode="affine"`` scores ACE at the
-candidate's layer.
+``mode="ablate"`` scores linear removal and addition (LCE); ``mode="affine"`` scores the affine
+edit weights can carry (hook ``pin``: removal by every writer, ACE's constant at the candidate's
+layer), at alpha 0 (comply) and 1 (refuse); ``mode="ace"`` scores the paper's ACE applied at the
+candidate's layer only (runtime hooks only: not bakeable).
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ from cosmic_bake.model.forward import Recorded, forward
 from cosmic_bake.model.hooks import Intervention, intervene
 from cosmic_bake.progress import progress
 
-MODES = ("ablate", "affine")
+MODES = ("ablate", "affine", "ace")
 SELECTORS = ("cosmic", "refusal-score")
 REFUSAL_STARTS = ("I", "As")  # first tokens of "I'm sorry", "I cannot", "As an AI" ...
 
@@ -128,7 +130,7 @@ def _replay(base: _Baseline, b: int, layer: int, n_layers: int) -> dict[int, tor
 def _run(model, arch, batches: Batches, iv: Intervention, *, layers=None, logits=False, stop=None, base=None):
     """Run ``batches`` under ``iv``; returns (outputs [n,k,d] or None, list of logits)."""
     outs, lg = [], []
-    single = iv.kind != "remove"
+    single = iv.kind in ("add", "affine")  # edits at one layer: the layers before it can be replayed
     with intervene(arch, iv):
         for b, batch in enumerate(batches.encoded):
             replay = _replay(base, b, iv.layer, arch.n_layers) if (single and base is not None) else None
@@ -148,6 +150,8 @@ def _interventions(mode: str, cands: Candidates, i: int, layer: int) -> tuple[In
     if mode == "ablate":
         return Intervention.remove(r), Intervention.add(r, layer, 1.0)
     mu = cands.harmless_mean[i, layer]
+    if mode == "affine":  # the bakeable form: select what you ship
+        return Intervention.pin(r, mu, layer, 0.0), Intervention.pin(r, mu, layer, 1.0)
     return Intervention.affine(r, mu, layer, 0.0), Intervention.affine(r, mu, layer, 1.0)
 
 
@@ -170,7 +174,7 @@ def score_cosmic(
 ) -> ScoreGrid:
     """S_comply, S_refuse and KL for every candidate (spec section 3)."""
     P, L = cands.n_positions, arch.n_layers
-    base_harmful = _baseline(model, arch, harmful_val, eval_layers, keep_inputs=mode == "affine")
+    base_harmful = _baseline(model, arch, harmful_val, eval_layers, keep_inputs=mode == "ace")
     base_harmless = _baseline(model, arch, harmless_val, eval_layers, keep_inputs=True)
     b_plus = S.pooled_unit(base_harmful.outputs)
     b_minus = S.pooled_unit(base_harmless.outputs)
@@ -216,7 +220,7 @@ def score_refusal(
     P, L = cands.n_positions, arch.n_layers
     ids = refusal_token_ids(tokenizer)
     base_harmless = _baseline(model, arch, harmless_val, [], keep_inputs=True)
-    base_harmful = _baseline(model, arch, harmful_val, [], keep_inputs=mode == "affine")
+    base_harmful = _baseline(model, arch, harmful_val, [], keep_inputs=mode == "ace")
     base_logits = torch.cat(base_harmless.logits)
 
     def scores(i: int, layer: int) -> tuple[float, float, float]:

@@ -108,3 +108,42 @@ def test_baked_steering_gguf_equals_hook_in_llama_cpp(arch, mode, tiny_model_fac
     report = verify_gguf(a.model, probe(a.model), baked, d, PROMPTS, ChatFormat(a.tokenizer))
     baked.close()
     assert report.passed and report.mean_kl <= GGUF_TOLERANCES["F32"][0], report.to_dict()
+
+
+def test_affine_selection_scores_the_pinned_hook(tiny_model_factory):
+    """select --mode affine scores exactly the hook that bake --mode affine ships (no replay shortcut)."""
+    from cosmic_bake.math import scores as S
+    from cosmic_bake.model.forward import forward
+    from cosmic_bake.model.hooks import Intervention, intervene
+    from cosmic_bake.prompts import load_prompts
+    from cosmic_bake.select import Batches, select
+
+    folder = tiny_model_factory("llama")
+    lm = load_model(folder)
+    arch = probe(lm.model)
+    fmt = ChatFormat(lm.tokenizer)
+    bad, good = load_prompts("builtin:harmful", limit=12), load_prompts("builtin:harmless", limit=12)
+    sel = select(
+        lm.model,
+        arch,
+        fmt,
+        harmful_train=bad[:8],
+        harmless_train=good[:8],
+        harmful_val=bad[8:],
+        harmless_val=good[8:],
+        mode="affine",
+        kl_threshold=10.0,
+    )
+    pos, layer = sel.chosen
+    i = pos + sel.candidates.n_positions
+    r, mu = sel.candidates.directions[i, layer], sel.candidates.harmless_mean[i, layer]
+
+    def outputs(prompts, iv=None):
+        batch = Batches.make(fmt, prompts, 8, packed=False).encoded[0]
+        with intervene(arch, *([iv] if iv else [])):
+            return forward(lm.model, arch, batch, output_layers=sel.eval_layers).outputs
+
+    comply = S.pooled_cosine(outputs(bad[8:], Intervention.pin(r, mu, layer, 0.0)), S.pooled_unit(outputs(good[8:])))
+    refuse = S.pooled_cosine(outputs(good[8:], Intervention.pin(r, mu, layer, 1.0)), S.pooled_unit(outputs(bad[8:])))
+    assert abs(comply - float(sel.grid.first[i, layer])) < 1e-5
+    assert abs(refuse - float(sel.grid.second[i, layer])) < 1e-5
