@@ -66,9 +66,10 @@ class GgufEdit:
 
     name: str
     kind: str
-    vector: str = "r"  # "r" or "<block>.<attn_output|ffn>" for a post-norm direction
+    vector: str | None = "r"  # "r", "<block>.<attn_output|ffn>" for a post-norm direction, None: no removal
     source_type: str = ""
     out_type: str = ""
+    constant: bool = False  # add the baked constant to every row after the removal
 
 
 def _vector_key(block: int, writer: str, post: set[str]) -> str:
@@ -78,7 +79,12 @@ def _vector_key(block: int, writer: str, post: set[str]) -> str:
 
 
 def plan_edits(
-    reader, d_model: int, edited_type: GGMLQuantizationType, always: bool = False, embeddings: str = "untie"
+    reader,
+    d_model: int,
+    edited_type: GGMLQuantizationType,
+    always: bool = False,
+    embeddings: str = "untie",
+    remove: bool = True,
 ) -> list[GgufEdit]:
     """Every tensor's edit and output type; raises before anything is written if a type cannot hold a tensor.
 
@@ -93,10 +99,10 @@ def plan_edits(
     edits = []
     for t in reader.tensors:
         m = _WRITER.match(t.name)
-        if m:
+        if remove and m:
             kind = "bias" if m.group(4) == "bias" else "rows"
             vec = _vector_key(int(m.group(1)), m.group(2), post)
-        elif t.name in _EMBEDDINGS and embeddings != "skip":
+        elif remove and t.name in _EMBEDDINGS and embeddings != "skip":
             kind, vec = "embed", "r"
         else:
             edits.append(GgufEdit(t.name, "copy", source_type=t.tensor_type.name, out_type=t.tensor_type.name))
@@ -130,7 +136,7 @@ def edit_vectors(reader, r_hat: torch.Tensor, edits: list[GgufEdit]) -> dict[str
     """``"r"`` -> r_hat; per post-norm key, ``unit(g * r_hat)`` with the stored gain (Gemma's +1 included)."""
     by_name = {t.name: t for t in reader.tensors}
     vectors = {"r": r_hat}
-    for key in {e.vector for e in edits if e.vector != "r"}:
+    for key in {e.vector for e in edits if e.vector not in ("r", None)}:
         block, part = key.split(".")
         norm = by_name[f"blk.{block}.{'post_attention_norm' if part == 'attn_output' else 'post_ffw_norm'}.weight"]
         gain = _float_rows(norm, 0, 1).double().reshape(-1)
@@ -153,19 +159,27 @@ def _store(rows: torch.Tensor, qtype: GGMLQuantizationType) -> np.ndarray:
     return ggml_quant.quantize_rows(rows.numpy(), qtype)
 
 
-def edited_data(tensor, edit: GgufEdit, v: torch.Tensor) -> np.ndarray:
-    """The edited tensor's stored bytes (2-D: rows of the output type)."""
+def _each_row(rows: torch.Tensor, v: torch.Tensor | None, c: torch.Tensor | None) -> torch.Tensor:
+    """Rows with ``v`` projected out (if given), then ``c`` added (if given)."""
+    if v is not None:
+        project_out_cols_(rows, v)
+    if c is not None:
+        rows.copy_(rows.double() + c)
+    return rows
+
+
+def edited_data(tensor, edit: GgufEdit, v: torch.Tensor | None, c: torch.Tensor | None = None) -> np.ndarray:
+    """The edited tensor's stored bytes (2-D: rows of the output type); ``c`` is added to every row."""
     qtype = GGMLQuantizationType[edit.out_type]
     n_rows = int(np.prod([int(x) for x in tensor.shape[1:]]))
     if edit.kind == "embed":
         parts = []
         for a in range(0, n_rows, ROW_CHUNK):
             rows = _float_rows(tensor, a, min(n_rows, a + ROW_CHUNK))
-            parts.append(_store(project_out_cols_(rows, v), qtype))
+            parts.append(_store(_each_row(rows, v, c), qtype))
         return np.concatenate(parts)
     if edit.kind == "bias":
-        rows = _float_rows(tensor, 0, n_rows)
-        return _store(project_out_cols_(rows, v), qtype)
+        return _store(_each_row(_float_rows(tensor, 0, n_rows), v, c), qtype)
     d = int(tensor.shape[1])
     out = []
     for e in range(n_rows // d):  # one matrix [d, k] per expert (one for dense writers)
@@ -174,11 +188,33 @@ def edited_data(tensor, edit: GgufEdit, v: torch.Tensor) -> np.ndarray:
     return np.concatenate(out)
 
 
-def _out_tensor(tensor, edit: GgufEdit, v: torch.Tensor) -> OutTensor:
+def _out_tensor(tensor, edit: GgufEdit, v: torch.Tensor | None, c: torch.Tensor | None = None) -> OutTensor:
     qtype = GGMLQuantizationType[edit.out_type]
     shape = tuple(int(x) for x in reversed(tensor.shape.tolist()))
     nbytes = int(np.prod(shape[:-1], dtype=np.int64)) * ggml_quant.row_bytes(qtype, shape[-1])
-    return OutTensor(tensor.name, qtype, shape, nbytes, lambda: edited_data(tensor, edit, v))
+    return OutTensor(tensor.name, qtype, shape, nbytes, lambda: edited_data(tensor, edit, v, c))
+
+
+# llama.cpp architectures that read an optional ``ffn_down`` bias, and whose embedding is used
+# unscaled, so an added constant fits a GGUF without changing the architecture.
+CONSTANT_ARCHS = ("llama",)
+
+
+def _constant_edit(edits: list[GgufEdit], by_name: dict, d: Direction, arch: str, edited_type) -> str:
+    """Mark (or create) the tensor that carries an add / affine constant; returns its name."""
+    if arch not in CONSTANT_ARCHS:
+        raise CosmicBakeError(
+            f"mode '{d.mode}' needs an added bias, which llama.cpp's '{arch}' graph has no place for in this file",
+            "pass --outtype (e.g. q8_0) to bake through safetensors, which re-expresses it where possible",
+        )
+    target = "token_embd.weight" if d.layer == 0 else f"blk.{d.layer - 1}.ffn_down.bias"
+    for i, e in enumerate(edits):
+        if e.name == target:
+            kind = "embed" if d.layer == 0 else "bias"
+            out_type = e.out_type if e.kind != "copy" else _out_type(by_name[target], edited_type, False).name
+            vec = e.vector if e.kind != "copy" else None
+            edits[i] = GgufEdit(target, kind, vec, e.source_type, out_type, constant=True)
+    return target
 
 
 @dataclass
@@ -196,6 +232,7 @@ class GgufBakeReport:
     types: dict[str, str]  # edited tensor -> "SOURCE -> OUT"
     requantized_as_other_type: list[str]
     output_head: str
+    constant: str
     source_bytes: int
     bytes_written: int
     timings: dict[str, float] = field(default_factory=dict)
@@ -246,16 +283,25 @@ def bake_gguf_file(
             f"the direction has {direction.direction.numel()} values but the GGUF's embedding_length is {d_model}",
             "use a direction selected on this model",
         )
-    edits = plan_edits(reader, d_model, ggml_quant.tensor_type(edited_type), edited_type_always, embeddings)
+    qedit = ggml_quant.tensor_type(edited_type)
+    edits = plan_edits(reader, d_model, qedit, edited_type_always, embeddings, remove=direction.mode != "add")
     names = {t.name for t in reader.tensors}
     by_name = {t.name: t for t in reader.tensors}
+    constant, target = None, None
+    if direction.mode != "ablate":
+        from cosmic_bake.bake import hook_of
+
+        target = _constant_edit(edits, by_name, direction, arch, qedit)
+        constant = hook_of(direction).constant()
     head = "separate (unedited)"
     out_tensors = []
     r_hat = unit(direction.direction.double())
     vectors = edit_vectors(reader, r_hat, edits)
     for e in edits:
         t = by_name[e.name]
-        out_tensors.append(copied(t) if e.kind == "copy" else _out_tensor(t, e, vectors[e.vector]))
+        c = constant if e.constant else None
+        v = vectors[e.vector] if e.vector is not None else None
+        out_tensors.append(copied(t) if e.kind == "copy" else _out_tensor(t, e, v, c))
         if e.name == "token_embd.weight" and e.kind == "embed" and "output.weight" not in names:
             if arch not in SEPARATE_HEAD_ARCHS:
                 raise CosmicBakeError(
@@ -265,6 +311,9 @@ def bake_gguf_file(
             base = copied(t)
             out_tensors.append(OutTensor("output.weight", base.qtype, base.shape, base.nbytes, base.data))
             head = f"untied: output.weight = original token_embd ({t.tensor_type.name})"
+    if target is not None and target not in names:  # a new bias, stored in float32
+        c32 = constant.to(torch.float32).numpy()
+        out_tensors.append(OutTensor(target, GGMLQuantizationType.F32, (d_model,), 4 * d_model, lambda: c32))
     warnings = []
     if embeddings == "skip":
         head = "unchanged (embedding not edited)"
@@ -282,6 +331,9 @@ def bake_gguf_file(
     write_gguf(reader, out, out_tensors, meta)
     timings["write"] = time.perf_counter() - t
     changed = [e for e in edits if e.kind != "copy"]
+    constant_note = ""
+    if target is not None:
+        constant_note = f"added to {target}" + ("" if target in names else " (new float32 tensor)")
     return GgufBakeReport(
         output=str(out),
         architecture=arch,
@@ -294,6 +346,7 @@ def bake_gguf_file(
         types={e.name: f"{e.source_type} -> {e.out_type}" for e in changed},
         requantized_as_other_type=[e.name for e in changed if e.source_type != e.out_type],
         output_head=head,
+        constant=constant_note,
         source_bytes=Path(source).stat().st_size,
         bytes_written=Path(out).stat().st_size,
         timings=timings,
@@ -380,11 +433,6 @@ def bake_to_gguf(
     tmp_manifest = temp_path(manifest_path(out))
     try:
         if source.kind == "gguf" and outtype is None:
-            if d.mode != "ablate":
-                raise CosmicBakeError(
-                    f"mode '{d.mode}' adds a bias, which a GGUF-to-GGUF bake cannot write yet",
-                    "pass --outtype (e.g. q8_0) to bake through safetensors",
-                )
             report = bake_gguf_file(
                 source.path,
                 d,

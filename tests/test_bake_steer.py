@@ -147,3 +147,46 @@ def test_affine_selection_scores_the_pinned_hook(tiny_model_factory):
     refuse = S.pooled_cosine(outputs(good[8:], Intervention.pin(r, mu, layer, 1.0)), S.pooled_unit(outputs(bad[8:])))
     assert abs(comply - float(sel.grid.first[i, layer])) < 1e-5
     assert abs(refuse - float(sel.grid.second[i, layer])) < 1e-5
+
+
+@pytest.mark.parametrize(("layer", "mode"), [(0, "add"), (2, "add"), (2, "affine"), (0, "affine")])
+def test_gguf_to_gguf_steering_equals_hook(layer, mode, tiny_model_factory, tmp_path):
+    """Llama GGUF in: the constant goes into the embedding or a new float32 ffn_down bias; equal to the hook."""
+    from cosmic_bake.bake_gguf import bake_to_gguf
+    from cosmic_bake.export.gguf_convert import convert_folder
+    from cosmic_bake.export.gguf_io import open_gguf
+    from cosmic_bake.model.llamacpp import LlamaCppModel
+    from cosmic_bake.verify import GGUF_TOLERANCES, verify_gguf
+
+    folder = tiny_model_factory("llama", tied=True)
+    source = tmp_path / "source.gguf"
+    convert_folder(folder, source, "f32")
+    d = _direction(folder, mode, layer, 1.0)
+    run = tmp_path / "run"
+    run.mkdir()
+    d.save(run)
+    out = tmp_path / "baked.gguf"
+    bake = bake_to_gguf(str(source), run, out)
+    assert bake["route"] == "gguf-to-gguf" and bake["constant"]
+    names = {t.name for t in open_gguf(out).tensors}
+    assert (f"blk.{layer - 1}.ffn_down.bias" in names) == (layer > 0)
+    a = load_model(folder)
+    baked = LlamaCppModel(out, n_ctx=256, all_logits=True, threads=1)
+    report = verify_gguf(a.model, probe(a.model), baked, d, PROMPTS, ChatFormat(a.tokenizer))
+    baked.close()
+    assert report.passed and report.mean_kl <= GGUF_TOLERANCES["F32"][0], report.to_dict()
+
+
+def test_gguf_to_gguf_constant_without_a_place_refuses(tiny_model_factory, tmp_path):
+    from cosmic_bake.bake_gguf import bake_to_gguf
+    from cosmic_bake.export.gguf_convert import convert_folder
+
+    folder = tiny_model_factory("qwen2")
+    source = tmp_path / "source.gguf"
+    convert_folder(folder, source, "f32")
+    run = tmp_path / "run"
+    run.mkdir()
+    _direction(folder, "add", 2, 1.0).save(run)
+    with pytest.raises(CosmicBakeError, match="pass --outtype"):
+        bake_to_gguf(str(source), run, tmp_path / "out.gguf")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["run", "source.gguf"]
