@@ -155,6 +155,12 @@ def models_cmd() -> None:
 @click.option("--limit", default=None, type=click.IntRange(1), help="Use at most N prompts of each training set.")
 @click.option("--limit-val", default=None, type=click.IntRange(1), help="Use at most N prompts of each validation set.")
 @click.option("--kl-threshold", default=0.1, show_default=True, type=float)
+@click.option(
+    "--alphas",
+    default=None,
+    help="--mode affine: sweep these alphas on the validation prompts and record the safest (e.g. 0.5,1,2).",
+)
+@click.option("--max-harmless-refusal", default=0.05, show_default=True, type=click.FloatRange(0, 1))
 @click.option("--force", is_flag=True, help="Replace an existing output folder.")
 @_common
 def select_cmd(
@@ -170,6 +176,8 @@ def select_cmd(
     limit,
     limit_val,
     kl_threshold,
+    alphas,
+    max_harmless_refusal,
     force,
     chat_template,
     system_prompt,
@@ -177,10 +185,14 @@ def select_cmd(
     batch_size,
 ) -> None:
     """Choose a refusal direction and its layer with COSMIC; write RUN_DIR."""
+    from cosmic_bake.cli_sweep import parse_alphas
     from cosmic_bake.outputs import check_target
     from cosmic_bake.run_select import run_select
 
     check_target(out, force=force)
+    alpha_list = parse_alphas(alphas)
+    if alpha_list and mode != "affine":
+        raise CosmicBakeError("--alphas applies to --mode affine", "drop --alphas, or select with --mode affine")
     sets = _prompt_sets(harmful, harmless, harmful_val, harmless_val, column, limit, limit_val)
     lm, arch, fmt = _load(model, dtype, chat_template, system_prompt)
     result = run_select(
@@ -194,6 +206,8 @@ def select_cmd(
         batch_size=batch_size,
         kl_threshold=kl_threshold,
         force=force,
+        alphas=alpha_list,
+        max_harmless_refusal=max_harmless_refusal,
         settings={
             "chat_template": chat_template,
             "system_prompt": system_prompt,
@@ -205,10 +219,20 @@ def select_cmd(
             "column": column,
             "limit": limit,
             "limit_val": limit_val,
+            "alphas": alpha_list,
+            "max_harmless_refusal": max_harmless_refusal,
         },
     )
     pos, layer = result["chosen"]["position"], result["chosen"]["layer"]
     click.echo(f"chosen: position {pos}, layer {layer} ({selector}, {mode})")
+    if "alpha_sweep" in result:
+        sw = result["alpha_sweep"]
+        for row in sw["rows"]:
+            click.echo(
+                f"  alpha {row['alpha']:g}: harmful refusal {row['harmful_refusal_rate']:.3f}, harmless refusal "
+                f"{row['harmless_refusal_rate']:.3f}, KL {row['harmless_kl']:.4f}"
+            )
+        click.echo(f"  chosen alpha: {sw['chosen_alpha']} ({sw['rule']})")
     _echo_kv(
         [(k, f"{v:.4f}") for k, v in result["chosen_scores"].items()]
         + [
@@ -343,9 +367,11 @@ def eval_cmd(
 def _register_stage_commands() -> None:
     """bake / verify live in their own module; the group is the one entry point."""
     from cosmic_bake.cli_bake import bake_cmd, verify_cmd
+    from cosmic_bake.cli_sweep import sweep_cmd
 
     cli.add_command(bake_cmd)
     cli.add_command(verify_cmd)
+    cli.add_command(sweep_cmd)
 
 
 _register_stage_commands()

@@ -56,8 +56,14 @@ def run_select(
     kl_threshold: float,
     force: bool,
     settings: dict,
+    alphas: list[float] | None = None,
+    max_harmless_refusal: float = 0.05,
 ) -> dict:
-    """Select, then write ``out`` (nothing is written if selection fails)."""
+    """Select, then write ``out`` (nothing is written if selection fails).
+
+    ``alphas`` (steering mode ``affine`` only): after the direction is chosen, sweep them on the
+    validation prompts with the baked hook and record the chosen alpha (:mod:`cosmic_bake.sweep`).
+    """
     t0 = time.perf_counter()
     sel = select(
         lm.model,
@@ -88,8 +94,34 @@ def run_select(
         model_id=lm.source.spec,
         model_hash=model_hash(src),
     )
+    swept = None
+    if alphas:
+        from cosmic_bake.errors import CosmicBakeError
+        from cosmic_bake.sweep import sweep
+
+        if mode != "affine":
+            raise CosmicBakeError("--alphas applies to --mode affine", "drop --alphas, or select with --mode affine")
+        swept = sweep(
+            lm.model,
+            arch,
+            fmt,
+            direction,
+            mode=mode,
+            alphas=alphas,
+            harmful=sets["harmful val"],
+            harmless=sets["harmless val"],
+            batch_size=min(batch_size, 16),
+            max_harmless_refusal=max_harmless_refusal,
+        )
+        if swept.chosen is not None:
+            direction.alpha = swept.chosen
+        record["alpha_sweep"] = swept.to_dict()
     with atomic_dir(out, force=force) as tmp:
         direction.save(tmp)
+        if swept is not None:
+            from cosmic_bake.sweep import write_sweep
+
+            write_sweep(swept, tmp, f"affine sweep on validation prompts, {lm.source.spec}")
         plot_layer_similarities(
             sel.candidates.similarities,
             sel.eval_layers,

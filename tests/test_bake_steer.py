@@ -190,3 +190,36 @@ def test_gguf_to_gguf_constant_without_a_place_refuses(tiny_model_factory, tmp_p
     with pytest.raises(CosmicBakeError, match="pass --outtype"):
         bake_to_gguf(str(source), run, tmp_path / "out.gguf")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["run", "source.gguf"]
+
+
+def test_sweep_command_and_select_records_alpha(tiny_model_factory, tmp_path):
+    from click.testing import CliRunner
+
+    from cosmic_bake.cli import cli
+
+    folder = tiny_model_factory("llama")
+    run = tmp_path / "run"
+    res = CliRunner().invoke(
+        cli,
+        ["select", str(folder), "-o", str(run), "--mode", "affine", "--alphas", "0,2", "--limit", "8"]
+        + ["--limit-val", "3", "--max-harmless-refusal", "1.0"],
+    )
+    assert res.exit_code == 0, res.output + repr(res.exception)
+    sweep = json.loads((run / "sweep.json").read_text())
+    assert [r["alpha"] for r in sweep["rows"]] == [0.0, 2.0] and (run / "sweep.png").stat().st_size > 1000
+    assert Direction.load(run).alpha == sweep["chosen_alpha"]  # cap 1.0: every alpha qualifies
+    out = tmp_path / "sweep"
+    run2 = tmp_path / "run2"
+    run2.mkdir()
+    _direction(folder, "add", 2, 1.0).save(run2)
+    args = ["sweep", str(folder), "--direction", str(run2), "--mode", "add", "--alphas", "0,1,3"]
+    args += ["--limit-harmful", "2", "--limit-harmless", "2", "--max-new-tokens", "4", "-o", str(out)]
+    res = CliRunner().invoke(cli, args)
+    assert res.exit_code == 0, res.output + repr(res.exception)
+    data = json.loads((out / "sweep.json").read_text())
+    assert data["mode"] == "add" and len(data["rows"]) == 3 and data["rows"][0]["harmless_kl"] < 1e-9  # alpha 0
+    assert data["rows"][2]["harmless_kl"] > data["rows"][0]["harmless_kl"]
+    assert (out / "sweep.png").is_file() and (out / "manifest.json").is_file()
+    bad = CliRunner().invoke(cli, [*args[:-1], str(tmp_path / "x"), "--alphas", "one,two"])
+    assert isinstance(bad.exception, CosmicBakeError) and "--alphas" in str(bad.exception)
+    assert not (tmp_path / "x").exists()

@@ -1,0 +1,104 @@
+"""``sweep`` command: refusal rates and KL of a steering edit over a list of alphas (JSON + PNG)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+
+from cosmic_bake.errors import CosmicBakeError
+
+
+def parse_alphas(text: str | None) -> list[float]:
+    """``"0,0.5,1"`` -> ``[0.0, 0.5, 1.0]`` with a one-line error for anything else."""
+    if text is None:
+        return []
+    try:
+        return [float(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        problem = f"--alphas '{text}' is not a comma-separated list of numbers"
+        raise CosmicBakeError(problem, "e.g. --alphas 0,0.5,1,2") from None
+
+
+@click.command("sweep")
+@click.argument("model")
+@click.option("--direction", "run_dir", required=True, type=click.Path(path_type=Path), help="RUN_DIR from select.")
+@click.option("--mode", type=click.Choice(["add", "affine"]), default="affine", show_default=True)
+@click.option("--alphas", default="0,0.5,1,1.5,2", show_default=True, help="Comma-separated alphas.")
+@click.option("--harmful", default="builtin:harmful", show_default=True)
+@click.option("--harmless", default="builtin:harmless", show_default=True)
+@click.option("--column", default=None)
+@click.option("--limit-harmful", default=None, type=click.IntRange(1))
+@click.option("--limit-harmless", default=100, show_default=True, type=click.IntRange(1))
+@click.option("--max-new-tokens", default=64, show_default=True, type=click.IntRange(1))
+@click.option("--max-harmless-refusal", default=0.05, show_default=True, type=click.FloatRange(0, 1))
+@click.option("-o", "--output", "out", required=True, type=click.Path(path_type=Path), help="Folder to write.")
+@click.option("--force", is_flag=True)
+@click.option("--chat-template", default=None)
+@click.option("--system-prompt", default=None)
+@click.option("--dtype", default="float32", show_default=True, type=click.Choice(["float32", "bfloat16", "float16"]))
+@click.option("--batch-size", default=16, show_default=True, type=click.IntRange(1, 4096))
+def sweep_cmd(
+    model,
+    run_dir,
+    mode,
+    alphas,
+    harmful,
+    harmless,
+    column,
+    limit_harmful,
+    limit_harmless,
+    max_new_tokens,
+    max_harmless_refusal,
+    out,
+    force,
+    chat_template,
+    system_prompt,
+    dtype,
+    batch_size,
+) -> None:
+    """Evaluate the baked form of a steering edit at each alpha; pick the safest within the harmless cap."""
+    from cosmic_bake.artifacts import Direction
+    from cosmic_bake.cli import _echo_kv, _load
+    from cosmic_bake.outputs import atomic_dir, check_target, manifest, source_record
+    from cosmic_bake.prompts import load_prompts
+    from cosmic_bake.sweep import sweep, write_sweep
+
+    values = parse_alphas(alphas)
+    check_target(out, force=force)
+    d = Direction.load(run_dir)
+    bad = load_prompts(harmful, column, limit=limit_harmful)
+    good = load_prompts(harmless, column, limit=limit_harmless)
+    lm, arch, fmt = _load(model, dtype, chat_template, system_prompt)
+    result = sweep(
+        lm.model,
+        arch,
+        fmt,
+        d,
+        mode=mode,
+        alphas=values,
+        harmful=bad,
+        harmless=good,
+        max_new_tokens=max_new_tokens,
+        batch_size=batch_size,
+        max_harmless_refusal=max_harmless_refusal,
+    )
+    with atomic_dir(out, force=force) as tmp:
+        write_sweep(result, tmp, f"{mode} sweep, {model}")
+        manifest(
+            tmp,
+            stage="sweep",
+            source=source_record(lm.source),
+            extra={
+                "direction": d.record(),
+                "sweep": result.to_dict(),
+                "prompts": {"harmful": harmful, "harmless": harmless},
+            },
+        )
+    click.echo(f"{mode} sweep of {model} ({len(bad)} harmful, {len(good)} harmless prompts)")
+    click.echo("  alpha  harmful refusal  harmless refusal  harmless KL")
+    for r in result.rows:
+        mark = "  <- chosen" if r.alpha == result.chosen else ""
+        rates = f"{r.harmful_refusal_rate:15.3f}  {r.harmless_refusal_rate:16.3f}"
+        click.echo(f"  {r.alpha:5g}  {rates}  {r.harmless_kl:11.4f}{mark}")
+    _echo_kv([("written", f"{out} (sweep.json, sweep.png, manifest.json)")])
