@@ -10,6 +10,7 @@ from pathlib import Path
 import click
 
 from cosmic_bake import __version__
+from cosmic_bake.cli_options import common_options, eval_sets
 from cosmic_bake.errors import CosmicBakeError
 from cosmic_bake.model.builtin import BUILTIN_MODELS, DEFAULT_MODEL
 
@@ -99,22 +100,6 @@ def _prompt_sets(harmful, harmless, harmful_val, harmless_val, column, limit, li
     return sets
 
 
-def _common(f):
-    options = [
-        click.option(
-            "--chat-template", default=None, help="Jinja template or format string with {instruction} (FILE or STRING)."
-        ),
-        click.option("--system-prompt", default=None, help="System prompt (replaces the template's default)."),
-        click.option(
-            "--dtype", default="float32", show_default=True, type=click.Choice(["float32", "bfloat16", "float16"])
-        ),
-        click.option("--batch-size", default=32, show_default=True, type=click.IntRange(1, 4096)),
-    ]
-    for opt in reversed(options):
-        f = opt(f)
-    return f
-
-
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="cosmic-bake")
 def cli() -> None:
@@ -162,7 +147,7 @@ def models_cmd() -> None:
 )
 @click.option("--max-harmless-refusal", default=0.05, show_default=True, type=click.FloatRange(0, 1))
 @click.option("--force", is_flag=True, help="Replace an existing output folder.")
-@_common
+@common_options
 def select_cmd(
     model,
     out,
@@ -253,12 +238,7 @@ def select_cmd(
     help="Hook to apply (default: remove when --direction is given, else none).",
 )
 @click.option("--alpha", type=float, default=None, help="Coefficient for add/affine (default: the artifact's).")
-@click.option("--harmful", default="builtin:harmful", show_default=True)
-@click.option("--harmless", default="builtin:harmless", show_default=True)
-@click.option("--column", default=None)
-@click.option("--limit-harmful", default=None, type=click.IntRange(1))
-@click.option("--limit-harmless", default=100, show_default=True, type=click.IntRange(1))
-@click.option("--max-new-tokens", default=64, show_default=True, type=click.IntRange(1))
+@eval_sets
 @click.option(
     "--kl-against",
     default=None,
@@ -273,7 +253,7 @@ def select_cmd(
 )
 @click.option("-o", "--output", "out", default=None, type=click.Path(path_type=Path), help="JSON report to write.")
 @click.option("--force", is_flag=True)
-@_common
+@common_options
 def eval_cmd(
     model,
     run_dir,

@@ -6,6 +6,7 @@ from pathlib import Path
 
 import click
 
+from cosmic_bake.cli_options import common_options, eval_sets
 from cosmic_bake.errors import CosmicBakeError
 
 
@@ -25,19 +26,11 @@ def parse_alphas(text: str | None) -> list[float]:
 @click.option("--direction", "run_dir", required=True, type=click.Path(path_type=Path), help="RUN_DIR from select.")
 @click.option("--mode", type=click.Choice(["add", "affine"]), default="affine", show_default=True)
 @click.option("--alphas", default="0,0.5,1,1.5,2", show_default=True, help="Comma-separated alphas.")
-@click.option("--harmful", default="builtin:harmful", show_default=True)
-@click.option("--harmless", default="builtin:harmless", show_default=True)
-@click.option("--column", default=None)
-@click.option("--limit-harmful", default=None, type=click.IntRange(1))
-@click.option("--limit-harmless", default=100, show_default=True, type=click.IntRange(1))
-@click.option("--max-new-tokens", default=64, show_default=True, type=click.IntRange(1))
+@eval_sets
 @click.option("--max-harmless-refusal", default=0.05, show_default=True, type=click.FloatRange(0, 1))
 @click.option("-o", "--output", "out", required=True, type=click.Path(path_type=Path), help="Folder to write.")
 @click.option("--force", is_flag=True)
-@click.option("--chat-template", default=None)
-@click.option("--system-prompt", default=None)
-@click.option("--dtype", default="float32", show_default=True, type=click.Choice(["float32", "bfloat16", "float16"]))
-@click.option("--batch-size", default=16, show_default=True, type=click.IntRange(1, 4096))
+@common_options
 def sweep_cmd(
     model,
     run_dir,
@@ -80,7 +73,7 @@ def sweep_cmd(
         harmful=bad,
         harmless=good,
         max_new_tokens=max_new_tokens,
-        batch_size=batch_size,
+        batch_size=min(batch_size, 32),
         max_harmless_refusal=max_harmless_refusal,
     )
     with atomic_dir(out, force=force) as tmp:
