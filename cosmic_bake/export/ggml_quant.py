@@ -153,8 +153,11 @@ def quantize_file(src: Path, dst: Path, outtype: str, threads: int = 0) -> None:
     params = llama_cpp.llama_model_quantize_default_params()
     params.ftype = int(file_type(outtype))
     params.nthread = threads
+    from llama_cpp._utils import suppress_stdout_stderr
+
     llama_cpp.llama_backend_init()
-    rc = llama_cpp.llama_model_quantize(str(src).encode(), str(dst).encode(), ctypes.byref(params))
+    with suppress_stdout_stderr(disable=False):  # llama.cpp logs every tensor; the CLI prints its own summary
+        rc = llama_cpp.llama_model_quantize(str(src).encode(), str(dst).encode(), ctypes.byref(params))
     if rc != 0:
         raise CosmicBakeError(
             f"llama.cpp could not quantize to {outtype} (llama_model_quantize returned {rc})",
