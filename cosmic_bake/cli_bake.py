@@ -177,7 +177,7 @@ def bake_cmd(
 
 
 def _bake_gguf(model, run_dir, out, outtype, edited_type, always, embeddings, force, allow_mismatch, mode, alpha):
-    from cosmic_bake.bake_gguf import bake_to_gguf, manifest_path
+    from cosmic_bake.export_gguf import bake_to_gguf, manifest_path
     from cosmic_bake.verify import gguf_class
 
     bake = bake_to_gguf(

@@ -92,7 +92,7 @@ def test_no_exact_place_for_a_later_constant_refuses(arch, tiny_model_factory, t
 @pytest.mark.parametrize("arch", ["llama", "qwen2"])
 @pytest.mark.parametrize("mode", ["add", "affine"])
 def test_baked_steering_gguf_equals_hook_in_llama_cpp(arch, mode, tiny_model_factory, tmp_path):
-    from cosmic_bake.bake_gguf import bake_to_gguf
+    from cosmic_bake.export_gguf import bake_to_gguf
     from cosmic_bake.model.llamacpp import LlamaCppModel
     from cosmic_bake.verify import GGUF_TOLERANCES, verify_gguf
 
@@ -152,9 +152,9 @@ def test_affine_selection_scores_the_pinned_hook(tiny_model_factory):
 @pytest.mark.parametrize(("layer", "mode"), [(0, "add"), (2, "add"), (2, "affine"), (0, "affine")])
 def test_gguf_to_gguf_steering_equals_hook(layer, mode, tiny_model_factory, tmp_path):
     """Llama GGUF in: the constant goes into the embedding or a new float32 ffn_down bias; equal to the hook."""
-    from cosmic_bake.bake_gguf import bake_to_gguf
     from cosmic_bake.export.gguf_convert import convert_folder
     from cosmic_bake.export.gguf_io import open_gguf
+    from cosmic_bake.export_gguf import bake_to_gguf
     from cosmic_bake.model.llamacpp import LlamaCppModel
     from cosmic_bake.verify import GGUF_TOLERANCES, verify_gguf
 
@@ -178,8 +178,8 @@ def test_gguf_to_gguf_steering_equals_hook(layer, mode, tiny_model_factory, tmp_
 
 
 def test_gguf_to_gguf_constant_without_a_place_refuses(tiny_model_factory, tmp_path):
-    from cosmic_bake.bake_gguf import bake_to_gguf
     from cosmic_bake.export.gguf_convert import convert_folder
+    from cosmic_bake.export_gguf import bake_to_gguf
 
     folder = tiny_model_factory("qwen2")
     source = tmp_path / "source.gguf"

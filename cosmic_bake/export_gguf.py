@@ -1,0 +1,155 @@
+"""``bake --format gguf``: pick the route, write the file atomically, and its manifest beside it.
+
+GGUF sources keep their quantization (:func:`~cosmic_bake.bake_gguf.bake_gguf_file` edits the
+few tensors the edit touches); anything else, or an explicit ``--outtype``, is baked as
+safetensors (:func:`~cosmic_bake.bake.bake_folder`), converted to a float GGUF
+(:mod:`cosmic_bake.export.gguf_convert`) and quantized by llama.cpp
+(:func:`~cosmic_bake.export.ggml_quant.quantize_file`). The output is written to a temporary
+file beside ``OUT.gguf`` and renamed into place only when complete, manifest first.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+import time
+from pathlib import Path
+
+from cosmic_bake.artifacts import Direction
+from cosmic_bake.bake_gguf import bake_gguf_file, provenance
+from cosmic_bake.errors import CosmicBakeError
+from cosmic_bake.export import ggml_quant
+
+
+def temp_path(target: Path) -> Path:
+    """A fresh temporary file beside ``target`` (same filesystem, so the final rename is atomic)."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fd, name = tempfile.mkstemp(prefix=f".{target.name}.partial-", dir=target.parent)
+    os.close(fd)
+    return Path(name)
+
+
+def _manifest(out: Path, record: dict, d: Direction, scores: dict | None, bake: dict) -> dict:
+    from cosmic_bake.outputs import environment, sha256_file
+
+    return {
+        "tool": "cosmic-bake",
+        "stage": "bake",
+        "format": "gguf",
+        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "versions": environment(),
+        "source_model": record,
+        "direction": d.record(),
+        "scores": scores,
+        "bake": bake,
+        "files": {out.name: sha256_file(out)},
+    }
+
+
+def manifest_path(out: Path) -> Path:
+    """The manifest written beside a baked GGUF file: ``OUT.gguf.manifest.json``."""
+    return out.with_name(out.name + ".manifest.json")
+
+
+def bake_to_gguf(
+    model: str,
+    run_dir: Path,
+    out: Path,
+    *,
+    outtype: str | None = None,
+    edited_type: str = "q8_0",
+    edited_type_always: bool = False,
+    embeddings: str = "untie",
+    force: bool = False,
+    allow_mismatch: bool = False,
+    mode: str | None = None,
+    alpha: float | None = None,
+) -> dict:
+    """Bake ``run_dir``'s direction into ``model`` and write ``out`` (a .gguf file) plus its manifest.
+
+    ``outtype`` None keeps a GGUF source's tensor types (only edited tensors are re-quantized);
+    for other sources it means f16. Returns the bake section of the manifest.
+    """
+    from cosmic_bake.bake import _check_direction, _load_direction, with_mode
+    from cosmic_bake.cli_bake import source_folder
+    from cosmic_bake.model.loading import resolve
+    from cosmic_bake.outputs import check_target, source_record, write_json
+    from cosmic_bake.run_select import model_hash
+
+    out = Path(out)
+    if out.suffix.lower() != ".gguf":
+        raise CosmicBakeError(f"-o {out} does not end in .gguf", "name the output file like model-baked.gguf")
+    if outtype is not None:
+        ggml_quant.file_type(outtype)
+    ggml_quant.tensor_type(edited_type)
+    source = resolve(model)
+    check_target(out, force=force, protect=[p for p in [getattr(source, "path", None)] if p])
+    d, scores = _load_direction(run_dir)
+    d = with_mode(d, mode, alpha)
+    record = source_record(source)
+    shash = model_hash(record)
+    _check_direction(d, d.direction.numel(), shash, allow_mismatch)
+    t0 = time.perf_counter()
+    tmp = temp_path(out)
+    tmp_manifest = temp_path(manifest_path(out))
+    try:
+        if source.kind == "gguf" and outtype is None:
+            report = bake_gguf_file(
+                source.path,
+                d,
+                tmp,
+                source_hash=shash,
+                edited_type=edited_type,
+                edited_type_always=edited_type_always,
+                embeddings=embeddings,
+            )
+            bake = {"route": "gguf-to-gguf", **report.to_dict()}
+        else:
+            folder = source_folder(model)[1]
+            bake = _bake_via_safetensors(folder, source, d, tmp, outtype or "f16", shash, embeddings)
+        bake["embeddings"] = embeddings
+        bake["output"] = str(out)
+        bake["seconds"] = time.perf_counter() - t0
+        write_json(tmp_manifest, _manifest(tmp, record, d, scores, bake))
+        os.replace(tmp_manifest, manifest_path(out))
+        os.replace(tmp, out)
+    finally:
+        for p in (tmp, tmp_manifest):
+            p.unlink(missing_ok=True)
+    return bake
+
+
+def _bake_via_safetensors(
+    folder: Path, source, d: Direction, out: Path, outtype: str, shash: str, embeddings: str
+) -> dict:
+    """transformers folder -> baked safetensors -> float GGUF -> (llama.cpp quantizer) -> ``out``."""
+    from cosmic_bake.bake import bake_folder
+    from cosmic_bake.export.gguf_convert import convert_folder
+
+    timings = {}
+    with tempfile.TemporaryDirectory(prefix=f".{out.name}.work-", dir=out.parent) as work:
+        work = Path(work)
+        t = time.perf_counter()
+        report = bake_folder(folder, d, work / "hf", source=source, allow_mismatch=True, embeddings=embeddings)
+        timings["bake"] = time.perf_counter() - t
+        t = time.perf_counter()
+        float_type = outtype if outtype in ggml_quant.FLOAT_OUTTYPES else "f32"
+        float_file = work / "float.gguf"
+        conv = convert_folder(work / "hf", float_file, float_type, metadata=provenance(d, shash))
+        timings["convert"] = time.perf_counter() - t
+        if outtype in ggml_quant.FLOAT_OUTTYPES:
+            os.replace(float_file, out)
+        else:
+            t = time.perf_counter()
+            ggml_quant.quantize_file(float_file, out, outtype)
+            timings["quantize"] = time.perf_counter() - t
+    return {
+        "route": "safetensors-to-gguf",
+        "outtype": outtype,
+        "architecture": conv.arch,
+        "edits": report.edits,
+        "untied": report.untied,
+        "warnings": report.warnings + list(conv.warnings),
+        "bytes_written": out.stat().st_size,
+        "timings": timings,
+    }
