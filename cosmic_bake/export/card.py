@@ -24,6 +24,31 @@ def base_model_id(source, config: dict, direction: Direction) -> str | None:
     return None
 
 
+def _describe(report: BakeReport) -> tuple[str, str]:
+    """(title suffix, paragraph) for the baked mode."""
+    if report.mode == "add":
+        return (
+            f"steered along its refusal direction (alpha {report.alpha:g})",
+            f"A refusal direction found with COSMIC, times alpha = {report.alpha:g}, is added to the residual "
+            f"stream at the input of layer {report.layer} (activation addition), stored in the weights: "
+            f"{report.constant}. This is the weight form of the `add` runtime hook.",
+        )
+    if report.mode == "affine":
+        return (
+            f"with its refusal component pinned (affine edit, alpha {report.alpha:g})",
+            "Every module that writes into the residual stream was orthogonalised against a refusal direction "
+            f"found with COSMIC, and a constant sets the stream's component along it from layer {report.layer} on "
+            f"(the harmless mean's component plus alpha = {report.alpha:g} times the direction): "
+            f"{report.constant}. This is the weight form of the `pin` runtime hook (affine concept editing).",
+        )
+    return (
+        "with the refusal direction removed",
+        "Every module that writes into the residual stream was orthogonalised against a refusal "
+        "direction found with COSMIC, so the stream never carries that direction. This is the "
+        "weight form of removing the direction at every layer with a runtime hook.",
+    )
+
+
 def model_card(report: BakeReport, plan: BakePlan, source_name: str, base_model: str | None) -> str:
     """README.md with Hub front matter and a plain account of the edit."""
     front = ["---"]
@@ -41,21 +66,21 @@ def model_card(report: BakeReport, plan: BakePlan, source_name: str, base_model:
         )
     else:
         emb = f"rows projected ({', '.join(report.embeddings_edited)})"
+    title, what = _describe(report)
     body = [
-        f"# {Path(source_name).name} with the refusal direction removed",
+        f"# {Path(source_name).name} {title}",
         "",
         f"Made with cosmic-bake {__version__} from `{source_name}`"
         + (f" (base model `{base_model}`)." if base_model else "."),
         "",
-        "Every module that writes into the residual stream was orthogonalised against a refusal "
-        "direction found with COSMIC, so the stream never carries that direction. This is the "
-        "weight form of removing the direction at every layer with a runtime hook.",
+        what,
         "",
         "| | |",
         "| --- | --- |",
         f"| direction SHA-256 (float64) | `{report.direction_digest}` |",
         f"| chosen layer / position | {report.layer} / {report.position} |",
         f"| mode / selector | {report.mode} / {report.selector} |",
+        *([f"| alpha / constant | {report.alpha:g} / {report.constant} |"] if report.mode != "ablate" else []),
         f"| model | {report.model_type}, {report.n_layers} layers, hidden size {report.d_model} |",
         f"| residual writers edited | {len(report.writers)} modules |",
         f"| tensors edited | {counts} |",
