@@ -72,6 +72,7 @@ def test_baked_steering_equals_hook(arch, tied, layer, mode, alpha, tiny_model_f
     out = tmp_path / "baked"
     report = bake_folder(folder, d, out)
     assert report.mode == mode and report.constant
+    assert ("steered" if mode == "add" else "pinned") in (out / "README.md").read_text()  # the card says what
     config = json.loads((out / "config.json").read_text())
     if layer > 0 and arch in ("qwen2", "mistral"):
         assert config["model_type"] == "llama" and config["mlp_bias"] is True  # re-expressed as Llama
