@@ -301,6 +301,25 @@ class Selection:
         return out
 
 
+ZERO_DIRECTION = 1e-6  # relative to the largest candidate's norm
+
+
+def _drop_zero_directions(cands: Candidates, verdicts: list[list[S.Verdict]]) -> None:
+    """Remove candidates whose difference in means is (numerically) zero.
+
+    At layer 0 a template token after the instruction has the same embedding in every prompt, so
+    its difference in means is exactly 0 and every intervention built from it is a no-op, which
+    scores the baseline similarity. The reference code keeps such candidates; on a weakly aligned
+    model (SmolLM2) where no edit beats the baseline for the affine form, one was chosen. A
+    direction of length 0 is never a usable choice, so it is filtered (reason "zero direction").
+    """
+    norms = cands.directions.norm(dim=-1)
+    limit = ZERO_DIRECTION * float(norms.max())
+    for i, layer in (norms <= limit).nonzero().tolist():
+        if verdicts[i][layer].kept:
+            verdicts[i][layer] = S.Verdict(False, "zero direction")
+
+
 def _no_survivor(grid: ScoreGrid, verdicts, total: torch.Tensor) -> CosmicBakeError:
     P = grid.first.shape[0]
     flat = sorted(
@@ -369,6 +388,7 @@ def select(
         verdicts = filter_refusal(grid, kl_threshold)
         total = -grid.first
     timings["scoring"] = time.perf_counter() - t
+    _drop_zero_directions(cands, verdicts)
     pick = S.choose(total, verdicts)
     if pick is None:
         raise _no_survivor(grid, verdicts, total)

@@ -224,3 +224,26 @@ def test_sweep_command_and_select_records_alpha(tiny_model_factory, tmp_path):
     bad = CliRunner().invoke(cli, [*args[:-1], str(tmp_path / "x"), "--alphas", "one,two"])
     assert isinstance(bad.exception, CosmicBakeError) and "--alphas" in str(bad.exception)
     assert not (tmp_path / "x").exists()
+
+
+def test_zero_directions_are_never_chosen(tiny_model_factory):
+    """Template tokens at layer 0 have identical embeddings in every prompt: their candidate is 0 and filtered."""
+    from cosmic_bake.prompts import load_prompts
+    from cosmic_bake.select import select
+
+    lm = load_model(tiny_model_factory("qwen2"))
+    bad, good = load_prompts("builtin:harmful", limit=10), load_prompts("builtin:harmless", limit=10)
+    sel = select(
+        lm.model,
+        probe(lm.model),
+        ChatFormat(lm.tokenizer),
+        harmful_train=bad[:6],
+        harmless_train=good[:6],
+        harmful_val=bad[6:],
+        harmless_val=good[6:],
+        mode="affine",
+        kl_threshold=10.0,
+    )
+    zero = [r for r in sel.rows() if r["reason"] == "zero direction"]
+    assert zero and all(r["layer"] == 0 for r in zero)
+    assert float(sel.direction.norm()) > 0
