@@ -29,7 +29,8 @@ def temp_path(target: Path) -> Path:
     return Path(name)
 
 
-def _manifest(out: Path, record: dict, d: Direction, scores: dict | None, bake: dict) -> dict:
+def _manifest(out: Path, written: Path, record: dict, d: Direction, scores: dict | None, bake: dict) -> dict:
+    """The manifest of ``out``, whose bytes are (still) at ``written``."""
     from cosmic_bake.outputs import environment, sha256_file
 
     return {
@@ -42,7 +43,7 @@ def _manifest(out: Path, record: dict, d: Direction, scores: dict | None, bake: 
         "direction": d.record(),
         "scores": scores,
         "bake": bake,
-        "files": {out.name: sha256_file(out)},
+        "files": {out.name: sha256_file(written)},
     }
 
 
@@ -110,7 +111,7 @@ def bake_to_gguf(
         bake["embeddings"] = embeddings
         bake["output"] = str(out)
         bake["seconds"] = time.perf_counter() - t0
-        write_json(tmp_manifest, _manifest(tmp, record, d, scores, bake))
+        write_json(tmp_manifest, _manifest(out, tmp, record, d, scores, bake))
         os.replace(tmp_manifest, manifest_path(out))
         os.replace(tmp, out)
     finally:

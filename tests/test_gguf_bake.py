@@ -9,6 +9,7 @@ tensor), edited ones match the hook. Bad inputs fail with one line and leave not
 from __future__ import annotations
 
 import hashlib
+import json
 from pathlib import Path
 
 import pytest
@@ -97,6 +98,8 @@ def test_transformers_model_to_gguf_equals_hook(arch, outtype, tiny_model_factor
         bake = bake_to_gguf(str(folder), run, out, outtype=outtype)
         report = _verify(folder, out, run)
     assert bake["route"] == "safetensors-to-gguf" and out.is_file() and manifest_path(out).is_file()
+    files = json.loads(manifest_path(out).read_text())["files"]
+    assert files == {"baked.gguf": hashlib.sha256(out.read_bytes()).hexdigest()}
     meta = open_gguf(out).fields
     assert meta["cosmic_bake.direction_sha256"].contents() == Direction.load(run).digest
     assert report.weight_type == ("F32" if outtype == "f32" else "8-bit")
