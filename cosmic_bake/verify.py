@@ -176,8 +176,8 @@ GGUF_TOLERANCES: dict[str, tuple[float, float]] = {
     "8-bit": (1e-2, 0.90),
     "6-bit": (2e-2, 0.88),
     "5-bit": (4e-2, 0.85),
-    "4-bit": (8e-2, 0.80),
-    "lower": (2e-1, 0.70),
+    "4-bit": (1.5e-1, 0.75),
+    "lower": (3e-1, 0.65),
 }
 
 
