@@ -203,7 +203,7 @@ def test_sweep_command_and_select_records_alpha(tiny_model_factory, tmp_path):
     res = CliRunner().invoke(
         cli,
         ["select", str(folder), "-o", str(run), "--mode", "affine", "--alphas", "0,2", "--limit", "8"]
-        + ["--limit-val", "3", "--max-harmless-refusal", "1.0"],
+        + ["--limit-val", "3", "--max-harmless-refusal", "1.0", "--kl-threshold", "100"],
     )
     assert res.exit_code == 0, res.output + repr(res.exception)
     sweep = json.loads((run / "sweep.json").read_text())
