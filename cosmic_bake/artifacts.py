@@ -8,6 +8,7 @@ source model's hash, so a direction cannot silently be applied to another model.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -42,6 +43,16 @@ class Direction:
     def digest(self) -> str:
         """SHA-256 of the direction's float64 bytes: names this exact direction in manifests."""
         return sha256_bytes(self.direction.double().contiguous().numpy().tobytes())
+
+    def with_mode(self, mode: str | None, alpha: float | None) -> Direction:
+        """This direction with the baked mode and alpha the user chose (default: its own)."""
+        return dataclasses.replace(self, mode=mode or self.mode, alpha=self.alpha if alpha is None else float(alpha))
+
+    def hook(self):
+        """The runtime hook a checkpoint baked from this direction equals (``Intervention``)."""
+        from cosmic_bake.model.hooks import baked_hook
+
+        return baked_hook(self.mode, self.direction, self.reference, self.layer, self.alpha)
 
     def record(self) -> dict:
         """What a manifest says about this direction (enough to find and check the artifact)."""

@@ -45,7 +45,7 @@ import torch
 from cosmic_bake import __version__
 from cosmic_bake.artifacts import SELECTION_FILE, Direction
 from cosmic_bake.bake_constant import ConstantPlacement, place_constant
-from cosmic_bake.errors import CosmicBakeError
+from cosmic_bake.errors import CosmicBakeError, first_line
 from cosmic_bake.export import safetensors_io
 from cosmic_bake.export.card import CARD_FILE, base_model_id, model_card
 from cosmic_bake.export.safetensors_io import (
@@ -65,7 +65,7 @@ from cosmic_bake.export.safetensors_io import (
     write_shards,
 )
 from cosmic_bake.math.projections import project_out_cols_, project_out_rows_, unit
-from cosmic_bake.model.hooks import BAKED_MODES, Intervention, baked_hook
+from cosmic_bake.model.hooks import BAKED_MODES
 from cosmic_bake.model.layout import Layout, model_layout, text_config
 from cosmic_bake.outputs import MANIFEST, atomic_dir, check_target, manifest, source_record, write_json
 
@@ -438,16 +438,6 @@ def _check_direction(direction: Direction, d_model: int, source_hash: str, allow
         )
 
 
-def with_mode(d: Direction, mode: str | None, alpha: float | None) -> Direction:
-    """``d`` with the baked mode and alpha the user chose (default: the artifact's own)."""
-    return dataclasses.replace(d, mode=mode or d.mode, alpha=d.alpha if alpha is None else float(alpha))
-
-
-def hook_of(d: Direction) -> Intervention:
-    """The runtime hook a checkpoint baked from ``d`` equals."""
-    return baked_hook(d.mode, d.direction, d.reference, d.layer, d.alpha)
-
-
 def _load_direction(direction: Direction | str | Path) -> tuple[Direction, dict | None]:
     """The direction, and the chosen scores of the selection.json beside it, when given as a path."""
     if isinstance(direction, Direction):
@@ -470,8 +460,9 @@ def _load_config(folder: Path):
     try:
         return AutoConfig.from_pretrained(str(folder))
     except Exception as err:  # noqa: BLE001 - any config failure becomes one line
-        first = (str(err).strip().splitlines() or [type(err).__name__])[0][:200]
-        raise CosmicBakeError(f"cannot read {folder}/config.json: {first}", "pass a transformers model folder") from err
+        raise CosmicBakeError(
+            f"cannot read {folder}/config.json: {first_line(err)}", "pass a transformers model folder"
+        ) from err
 
 
 # --------------------------------------------------------------------------------------------
@@ -512,7 +503,7 @@ def bake_folder(
         raise CosmicBakeError(f"{folder} has no config.json", "pass a transformers model folder or a .gguf file")
     check_target(out, force=force, protect=[folder] + ([source.path] if getattr(source, "path", None) else []))
     d, scores = _load_direction(direction)
-    d = with_mode(d, mode, alpha)
+    d = d.with_mode(mode, alpha)
     config = _load_config(folder)
     d_model = int(getattr(text_config(config), "hidden_size", 0) or 0)
     src = source or ModelSource(str(folder), "folder", path=folder)
@@ -543,7 +534,7 @@ def bake_folder(
     constant = None
     if placement is not None:
         _add_constant(plan, placement)
-        constant = hook_of(d).constant() / placement.scale
+        constant = d.hook().constant() / placement.scale
     r_hat = unit(d.direction.double())
     vectors = edit_vectors(plan, listing, r_hat)
     timings = {"plan": time.perf_counter() - t0}

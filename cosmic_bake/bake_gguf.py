@@ -105,7 +105,8 @@ def plan_edits(
         else:
             edits.append(GgufEdit(t.name, "copy", source_type=t.tensor_type.name, out_type=t.tensor_type.name))
             continue
-        if int(t.shape[0] if kind == "embed" else t.shape[1] if kind == "rows" else t.shape[0]) != d_model:
+        residual_axis = 1 if kind == "rows" else 0  # ne order: writers are [k, d, (experts)], the rest [d, ...]
+        if int(t.shape[residual_axis]) != d_model:
             raise CosmicBakeError(
                 f"{t.name} has shape {t.shape.tolist()}, with no dimension of the direction's size {d_model} "
                 "where the residual stream should be",
@@ -142,15 +143,11 @@ def edit_vectors(reader, r_hat: torch.Tensor, edits: list[GgufEdit]) -> dict[str
     return vectors
 
 
-def _type(tensor) -> GGMLQuantizationType:
-    return GGMLQuantizationType(int(tensor.tensor_type))
-
-
 def _float_rows(tensor, start: int, stop: int) -> torch.Tensor:
     """Rows ``start:stop`` of the tensor's 2-D row view, dequantized to float32."""
     data = np.asarray(tensor.data)
     flat = data.reshape(-1, data.shape[-1])
-    return torch.from_numpy(ggml_quant.dequantize_rows(flat[start:stop], _type(tensor)).copy())
+    return torch.from_numpy(ggml_quant.dequantize_rows(flat[start:stop], tensor.tensor_type).copy())
 
 
 def _store(rows: torch.Tensor, qtype: GGMLQuantizationType) -> np.ndarray:
@@ -287,10 +284,8 @@ def bake_gguf_file(
     by_name = {t.name: t for t in reader.tensors}
     constant, target = None, None
     if direction.mode != "ablate":
-        from cosmic_bake.bake import hook_of
-
         target = _constant_edit(edits, by_name, direction, arch, qedit)
-        constant = hook_of(direction).constant()
+        constant = direction.hook().constant()
     head = "separate (unedited)"
     out_tensors = []
     r_hat = unit(direction.direction.double())

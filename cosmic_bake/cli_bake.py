@@ -13,47 +13,11 @@ from pathlib import Path
 
 import click
 
-from cosmic_bake.errors import CosmicBakeError, first_line
+from cosmic_bake.errors import CosmicBakeError
 from cosmic_bake.export.ggml_quant import EDITED_TYPES, FILE_TYPES
 
 VERIFY_DEFAULT_SETS = ("builtin:harmless", "builtin:harmful")
 VERIFY_DEFAULT_LIMIT = 16
-
-
-def source_folder(spec: str):
-    """``(ModelSource, folder)``: the safetensors folder to bake for a model spec.
-
-    A folder is itself; a GGUF file (or builtin) is dequantized once into the float32 cache that
-    ``load_model`` uses too (``source.extra_folder``); a Hub id is fetched into the Hub cache.
-    """
-    import torch
-
-    from cosmic_bake.model.loading import cached_gguf_folder, resolve
-
-    source = resolve(spec)
-    if source.kind == "folder":
-        return source, source.path
-    if source.kind == "gguf":
-        return source, cached_gguf_folder(source, torch.float32)
-    return source, _hub_snapshot(source)
-
-
-def _hub_snapshot(source) -> Path:
-    """Download (or find in the Hub cache) the files baking needs: safetensors, configs, tokenizer."""
-    from huggingface_hub import snapshot_download
-
-    try:
-        path = snapshot_download(
-            source.hub_id,
-            revision=source.revision,
-            allow_patterns=["*.safetensors", "*.json", "*.jinja", "*.txt", "*.model", "*.tiktoken"],
-        )
-    except Exception as err:  # noqa: BLE001 - network / auth / missing repo become one line
-        raise CosmicBakeError(
-            f"could not fetch {source.hub_id} from the Hub: {first_line(err)}",
-            "download the model to a folder and pass that folder",
-        ) from err
-    return Path(path)
 
 
 def _table(rows: list[tuple[str, str]]) -> None:
@@ -145,6 +109,8 @@ def bake_cmd(
     if outtype is not None:
         raise CosmicBakeError("--outtype applies to --format gguf", "drop --outtype, or pass --format gguf")
     check_target(out, force=force)
+    from cosmic_bake.model.loading import source_folder
+
     source, folder = source_folder(model)
     report = bake_folder(
         folder,
@@ -264,7 +230,6 @@ def verify_cmd(
 ) -> None:
     """Compare BAKED with ORIGINAL + the removal hook; exit 1 if outside tolerance."""
     from cosmic_bake.artifacts import Direction
-    from cosmic_bake.bake import with_mode
     from cosmic_bake.model.architecture import probe
     from cosmic_bake.model.chat import ChatFormat, read_template_option
     from cosmic_bake.model.loading import load_model
@@ -274,7 +239,7 @@ def verify_cmd(
     direction = Direction.load(run_dir)
     settings = baked_settings(baked)
     if settings is not None:  # verify against the hook of what was actually baked
-        direction = with_mode(direction, *settings)
+        direction = direction.with_mode(*settings)
     prompts = _verify_prompts(prompts_file, column, limit)
     a = load_model(original, dtype=dtype)
     arch = probe(a.model)

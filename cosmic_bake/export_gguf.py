@@ -71,9 +71,8 @@ def bake_to_gguf(
     ``outtype`` None keeps a GGUF source's tensor types (only edited tensors are re-quantized);
     for other sources it means f16. Returns the bake section of the manifest.
     """
-    from cosmic_bake.bake import _check_direction, _load_direction, with_mode
-    from cosmic_bake.cli_bake import source_folder
-    from cosmic_bake.model.loading import resolve
+    from cosmic_bake.bake import _check_direction, _load_direction
+    from cosmic_bake.model.loading import resolve, source_folder
     from cosmic_bake.outputs import check_target, source_record, write_json
     from cosmic_bake.run_select import model_hash
 
@@ -86,7 +85,7 @@ def bake_to_gguf(
     source = resolve(model)
     check_target(out, force=force, protect=[p for p in [getattr(source, "path", None)] if p])
     d, scores = _load_direction(run_dir)
-    d = with_mode(d, mode, alpha)
+    d = d.with_mode(mode, alpha)
     record = source_record(source)
     shash = model_hash(record)
     _check_direction(d, d.direction.numel(), shash, allow_mismatch)

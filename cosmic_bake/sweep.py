@@ -2,7 +2,7 @@
 
 The paper reports non-monotonic responses to alpha, so the user sees the whole curve (JSON and a
 PNG) before a value is baked. Each alpha is evaluated with the hook of the edit that would be
-baked (:func:`~cosmic_bake.bake.hook_of`: ``add`` or the pinned ``affine``), in transformers.
+baked (:meth:`~cosmic_bake.artifacts.Direction.hook`: ``add`` or the pinned ``affine``), in transformers.
 
 Choosing alpha (``pick_alpha``) for making a model safer: the highest harmful refusal rate among
 alphas whose harmless refusal rate stays at most ``max_harmless_refusal``; ties go to the lower
@@ -72,8 +72,6 @@ def sweep(
     max_harmless_refusal: float = 0.05,
 ) -> Sweep:
     """Evaluate ``mode`` at every alpha (transformers hooks); the unedited logits are computed once."""
-    from cosmic_bake.bake import hook_of, with_mode
-
     if mode not in ("add", "affine"):
         raise CosmicBakeError(f"cannot sweep alpha for mode '{mode}'", "use --mode add or --mode affine")
     if not alphas:
@@ -82,7 +80,7 @@ def sweep(
     rows = []
     for alpha in alphas:
         t = time.perf_counter()
-        iv = hook_of(with_mode(direction, mode, alpha))
+        iv = direction.with_mode(mode, alpha).hook()
         rep = evaluate(
             model,
             arch,

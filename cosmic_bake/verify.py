@@ -77,9 +77,7 @@ class _Totals:
 
 def _hook(direction: Direction | torch.Tensor) -> Intervention:
     """The hook a model baked from ``direction`` equals (a bare tensor: removal)."""
-    from cosmic_bake.bake import hook_of
-
-    return hook_of(direction) if isinstance(direction, Direction) else Intervention.remove(direction)
+    return direction.hook() if isinstance(direction, Direction) else Intervention.remove(direction)
 
 
 def baked_settings(baked: str) -> tuple[str, float] | None:

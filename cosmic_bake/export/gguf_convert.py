@@ -46,6 +46,8 @@ import numpy as np
 import torch
 
 from cosmic_bake.errors import CosmicBakeError, first_line
+from cosmic_bake.export.ggml_quant import FILE_TYPES
+from cosmic_bake.export.gguf_io import add_metadata
 from cosmic_bake.export.gguf_vocab import read_vocab
 from cosmic_bake.export.safetensors_io import Listing, TensorInfo, list_weights, read_tensor
 
@@ -65,11 +67,6 @@ OUTTYPES: dict[str, gguf.GGMLQuantizationType] = {
     "f32": gguf.GGMLQuantizationType.F32,
     "f16": gguf.GGMLQuantizationType.F16,
     "bf16": gguf.GGMLQuantizationType.BF16,
-}
-_FILE_TYPES = {
-    "f32": gguf.LlamaFileType.ALL_F32,
-    "f16": gguf.LlamaFileType.MOSTLY_F16,
-    "bf16": gguf.LlamaFileType.MOSTLY_BF16,
 }
 _TORCH_TYPES = {
     gguf.GGMLQuantizationType.F32: torch.float32,
@@ -180,7 +177,7 @@ def convert_folder(
     writer = gguf.GGUFWriter(path=None, arch=hp.arch)
     _add_model_keys(writer, hp, vocab.name, outtype, planned)
     vocab.add_to(writer)
-    _add_user_metadata(writer, metadata or {})
+    add_metadata(writer, metadata or {})
     for p in planned:
         raw = torch.empty((), dtype=_NUMPY_VIEWS[_TORCH_TYPES[p.qtype]]).numpy().dtype
         writer.add_tensor_info(p.name, p.shape, raw, p.nbytes, raw_dtype=p.qtype)
@@ -518,7 +515,7 @@ def _add_model_keys(
     config = hp.config
     writer.add_type(gguf.GGUFType.MODEL)
     writer.add_name(vocab_name)
-    writer.add_file_type(_FILE_TYPES[outtype])
+    writer.add_file_type(FILE_TYPES[outtype])
     writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
     writer.add_vocab_size(_embedding_rows(planned))
     writer.add_context_length(hp.context)
@@ -557,24 +554,3 @@ def _add_model_keys(
         writer.add_attn_logit_softcapping(float(config.attn_logit_softcapping))
     if hp.model_type == "gemma3_text":
         writer.add_rope_freq_base_swa(float(_rope(config, "sliding_attention")["rope_theta"]))
-
-
-def _add_user_metadata(writer: gguf.GGUFWriter, metadata: Mapping[str, str | int | float]) -> None:
-    """Add the caller's keys verbatim; refuse ones that would overwrite what llama.cpp reads."""
-    for key, value in metadata.items():
-        if not isinstance(key, str) or not key:
-            raise CosmicBakeError(f"GGUF metadata key {key!r} is not a non-empty string", "fix the caller")
-        if key in writer.kv_data[0]:
-            raise CosmicBakeError(f"GGUF metadata key {key!r} is already set by the converter", "use another name")
-        if isinstance(value, bool):
-            writer.add_bool(key, value)
-        elif isinstance(value, int):
-            writer.add_int64(key, value)
-        elif isinstance(value, float):
-            writer.add_float64(key, value)
-        elif isinstance(value, str):
-            writer.add_key_value(key, value, gguf.GGUFValueType.STRING)  # add_string drops empty strings
-        else:
-            raise CosmicBakeError(
-                f"GGUF metadata {key!r} has a {type(value).__name__} value", "pass a str, int or float"
-            )

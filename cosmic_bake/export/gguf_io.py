@@ -21,8 +21,8 @@ from cosmic_bake.errors import CosmicBakeError, first_line
 _SKIPPED_KEYS = ("GGUF.", "general.architecture", "general.alignment")
 
 
-def open_gguf(path: Path) -> GGUFReader:
-    """Read a GGUF file's header and map its tensors; a missing, truncated or foreign file is one clear error."""
+def check_magic(path: Path) -> Path:
+    """A missing or foreign file is one clear error (cheap: reads 4 bytes, parses nothing)."""
     path = Path(path)
     if not path.is_file():
         raise CosmicBakeError(f"{path} does not exist", "pass the path of a .gguf file")
@@ -30,6 +30,12 @@ def open_gguf(path: Path) -> GGUFReader:
         magic = fh.read(4)
     if magic != b"GGUF":
         raise CosmicBakeError(f"{path} is not a GGUF file (it starts with {magic!r})", "pass a .gguf model file")
+    return path
+
+
+def open_gguf(path: Path) -> GGUFReader:
+    """Read a GGUF file's header and map its tensors; a missing, truncated or foreign file is one clear error."""
+    path = check_magic(path)
     try:
         reader = GGUFReader(path)
     except Exception as err:  # noqa: BLE001 - gguf-py raises assorted errors on damaged files
@@ -84,13 +90,35 @@ def copied(tensor) -> OutTensor:
     return OutTensor(tensor.name, tensor.tensor_type, shape, int(tensor.n_bytes), lambda: tensor.data)
 
 
-def _copy_metadata(reader: GGUFReader, writer: GGUFWriter) -> None:
+def _copy_metadata(reader: GGUFReader, writer: GGUFWriter, replaced: set[str]) -> None:
+    """Copy the source's keys (except the ``replaced`` ones, e.g. provenance of an earlier bake)."""
     for key, field in reader.fields.items():
-        if key.startswith(_SKIPPED_KEYS):
+        if key.startswith(_SKIPPED_KEYS) or key in replaced:
             continue
         vtype = GGUFValueType(field.types[0])
         sub = GGUFValueType(field.types[-1]) if vtype == GGUFValueType.ARRAY else None
         writer.add_key_value(key, field.contents(), vtype, sub)
+
+
+def add_metadata(writer: GGUFWriter, metadata: Mapping[str, str | int | float | bool]) -> None:
+    """Add the caller's keys verbatim; refuse ones that would overwrite what llama.cpp reads."""
+    for key, value in metadata.items():
+        if not isinstance(key, str) or not key:
+            raise CosmicBakeError(f"GGUF metadata key {key!r} is not a non-empty string", "fix the caller")
+        if key in writer.kv_data[0]:
+            raise CosmicBakeError(f"GGUF metadata key {key!r} is already set in this file", "use another name")
+        if isinstance(value, bool):
+            writer.add_bool(key, value)
+        elif isinstance(value, int):
+            writer.add_int64(key, value)
+        elif isinstance(value, float):
+            writer.add_float64(key, value)
+        elif isinstance(value, str):
+            writer.add_key_value(key, value, GGUFValueType.STRING)  # add_string drops empty strings
+        else:
+            raise CosmicBakeError(
+                f"GGUF metadata {key!r} has a {type(value).__name__} value", "pass a str, int or float"
+            )
 
 
 def write_gguf(
@@ -110,16 +138,8 @@ def write_gguf(
     if align != GGUF_DEFAULT_ALIGNMENT:
         writer.data_alignment = align
         writer.add_custom_alignment(align)
-    _copy_metadata(reader, writer)
-    for key, value in metadata.items():
-        if isinstance(value, bool):
-            writer.add_bool(key, value)
-        elif isinstance(value, int):
-            writer.add_uint32(key, value) if value >= 0 else writer.add_int32(key, value)
-        elif isinstance(value, float):
-            writer.add_float32(key, value)
-        else:
-            writer.add_string(key, str(value))
+    _copy_metadata(reader, writer, set(metadata))
+    add_metadata(writer, metadata)
     for t in tensors:
         writer.add_tensor_info(t.name, t.shape, np.dtype(np.float32), t.nbytes, raw_dtype=t.qtype)
     writer.open_output_file(Path(path))

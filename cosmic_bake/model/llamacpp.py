@@ -33,10 +33,11 @@ class LlamaCppModel:
     def __init__(self, path: Path, *, n_ctx: int = 2048, all_logits: bool = False, threads: int | None = None):
         import llama_cpp
 
-        from cosmic_bake.export.gguf_io import open_gguf
+        from cosmic_bake.export.gguf_io import check_magic
 
-        path = Path(path)
-        open_gguf(path)  # a truncated or foreign file fails here with a clear line, not in C++
+        # A foreign file fails here with a clear line; llama.cpp parses the header itself (parsing
+        # it twice costs seconds on a 150k-token vocabulary), and a truncated file fails below.
+        path = check_magic(path)
         try:
             self.llm = llama_cpp.Llama(
                 model_path=str(path),

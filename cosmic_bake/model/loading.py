@@ -209,3 +209,35 @@ def load_model(spec: str | os.PathLike, *, dtype: str | torch.dtype = "float32")
         ) from err
     model.requires_grad_(False)
     return LoadedModel(model, tokenizer, source, torch_dtype)
+
+
+def source_folder(spec: str):
+    """``(ModelSource, folder)``: the safetensors folder to bake for a model spec.
+
+    A folder is itself; a GGUF file (or builtin) is dequantized once into the float32 cache that
+    ``load_model`` uses too (``source.extra_folder``); a Hub id is fetched into the Hub cache.
+    """
+    source = resolve(spec)
+    if source.kind == "folder":
+        return source, source.path
+    if source.kind == "gguf":
+        return source, cached_gguf_folder(source, torch.float32)
+    return source, _hub_snapshot(source)
+
+
+def _hub_snapshot(source) -> Path:
+    """Download (or find in the Hub cache) the files baking needs: safetensors, configs, tokenizer."""
+    from huggingface_hub import snapshot_download
+
+    try:
+        path = snapshot_download(
+            source.hub_id,
+            revision=source.revision,
+            allow_patterns=["*.safetensors", "*.json", "*.jinja", "*.txt", "*.model", "*.tiktoken"],
+        )
+    except Exception as err:  # noqa: BLE001 - network / auth / missing repo become one line
+        raise CosmicBakeError(
+            f"could not fetch {source.hub_id} from the Hub: {first_line(err)}",
+            "download the model to a folder and pass that folder",
+        ) from err
+    return Path(path)
