@@ -65,6 +65,7 @@ class Direction:
             "alpha": self.alpha,
             "model_id": self.model_id,
             "model_hash": self.model_hash,
+            **self.extra,
         }
 
     def save(self, folder: Path) -> Path:

@@ -257,20 +257,23 @@ def _warnings(layout: Layout, embeddings: str) -> list[str]:
 # Apply
 
 
-def apply_edit(tensor: torch.Tensor, kind: str, v: torch.Tensor | None) -> torch.Tensor:
-    """Apply one edit kind in place (float64 math, stored back in the tensor's dtype)."""
+def apply_edit(tensor: torch.Tensor, kind: str, v: torch.Tensor | None, coeff: float = 1.0) -> torch.Tensor:
+    """Apply one edit kind in place (float64 math, stored back in the tensor's dtype).
+
+    ``coeff`` 1 removes the component along ``v``; ``-beta`` scales it by ``1 + beta`` (mode ``scale``).
+    """
     if kind == "copy":
         return tensor
     if kind == "rows":
-        project_out_rows_(tensor, v)
+        project_out_rows_(tensor, v, coeff=coeff)
     elif kind in ("cols", "bias"):
-        project_out_cols_(tensor, v)
+        project_out_cols_(tensor, v, coeff=coeff)
     elif kind == "expert_rows":
         for w in tensor:
-            project_out_rows_(w, v)
+            project_out_rows_(w, v, coeff=coeff)
     elif kind == "expert_cols":
         for w in tensor:
-            project_out_cols_(w, v)
+            project_out_cols_(w, v, coeff=coeff)
     else:
         raise ValueError(f"unknown edit kind {kind!r}")
     return tensor
@@ -288,7 +291,11 @@ def edit_vectors(plan: BakePlan, listing: Listing, r_hat: torch.Tensor) -> dict[
 
 
 def shard_sources(
-    plan: BakePlan, listing: Listing, vectors: dict[str, torch.Tensor], constant: torch.Tensor | None = None
+    plan: BakePlan,
+    listing: Listing,
+    vectors: dict[str, torch.Tensor],
+    constant: torch.Tensor | None = None,
+    coeff: float = 1.0,
 ) -> dict[str, dict[str, TensorSource]]:
     """Per output shard, what each tensor is written from: its source bytes, or an edit made when written.
 
@@ -308,7 +315,8 @@ def shard_sources(
             if e.kind == "copy" and c is None:
                 shards[file][e.name] = StoredTensor(path, info)
             else:
-                shards[file][e.name] = _edited(path, info, e.kind, vectors.get(e.vector) if e.vector else None, c)
+                v = vectors.get(e.vector) if e.vector else None
+                shards[file][e.name] = _edited(path, info, e.kind, v, c, coeff)
     return shards
 
 
@@ -322,12 +330,14 @@ def _zeros_plus(shape: tuple[int, ...], dtype: str, c: torch.Tensor | None):
     return make
 
 
-def _edited(path: Path, info: TensorInfo, kind: str, v: torch.Tensor | None, c: torch.Tensor | None) -> DeferredTensor:
+def _edited(
+    path: Path, info: TensorInfo, kind: str, v: torch.Tensor | None, c: torch.Tensor | None, coeff: float = 1.0
+) -> DeferredTensor:
     """The edited tensor, read and edited only when the writer reaches it (then ``+ c`` on every row)."""
 
     def make() -> torch.Tensor:
         with open(path, "rb") as fh:
-            t = apply_edit(read_tensor(fh, info), kind, v)
+            t = apply_edit(read_tensor(fh, info), kind, v, coeff)
         if c is not None:
             t.copy_(t.double() + c)
         return t
@@ -514,10 +524,15 @@ def bake_folder(
     listing = list_weights(folder)
     layout = model_layout(config)
     placement = None
+    if d.mode == "scale" and layout.post_norms:
+        raise CosmicBakeError(
+            "the scale edit is not exact where norms follow the writers (Gemma 2/3)", "use --mode ablate or affine"
+        )
     if d.mode != "ablate":
         shapes = {n: (tuple(i.shape), i.dtype) for n, i in listing.tensors.items()}
         source_config = json.loads((folder / "config.json").read_text(encoding="utf-8"))
-        placement = place_constant(layout, shapes, source_config, d.layer, layout.embed_scale)
+        at = 0 if d.mode == "scale" else d.layer  # scale: the constant -beta m r_hat enters with the embedding
+        placement = place_constant(layout, shapes, source_config, at, layout.embed_scale)
         if placement.kind == "embedding" and embeddings == "skip":
             raise CosmicBakeError(
                 "the constant of a layer-0 edit goes into the embedding, which --embeddings skip leaves alone",
@@ -540,7 +555,8 @@ def bake_folder(
     timings = {"plan": time.perf_counter() - t0}
     with atomic_dir(out, force=force, protect=[folder]) as tmp:
         t = time.perf_counter()
-        shards = shard_sources(plan, listing, vectors, constant)
+        coeff = -d.alpha if d.mode == "scale" else 1.0
+        shards = shard_sources(plan, listing, vectors, constant, coeff)
         with _one_thread():
             write_shards(shards, plan.shard_metadata, tmp, save=safetensors_io.write_safetensors)
         if plan.indexed:

@@ -283,6 +283,11 @@ def bake_gguf_file(
     names = {t.name for t in reader.tensors}
     by_name = {t.name: t for t in reader.tensors}
     constant, target = None, None
+    if direction.mode == "scale":
+        raise CosmicBakeError(
+            "a GGUF source keeps its tensor types, and the scale edit is baked through safetensors only",
+            "pass --outtype (f32, f16, q8_0, q4_k_m, ...)",
+        )
     if direction.mode != "ablate":
         target = _constant_edit(edits, by_name, direction, arch, qedit)
         constant = direction.hook().constant()

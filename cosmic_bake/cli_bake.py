@@ -13,11 +13,9 @@ from pathlib import Path
 
 import click
 
+from cosmic_bake.cli_options import system_prompt_option
 from cosmic_bake.errors import CosmicBakeError
 from cosmic_bake.export.ggml_quant import EDITED_TYPES, FILE_TYPES
-
-VERIFY_DEFAULT_SETS = ("builtin:harmless", "builtin:harmful")
-VERIFY_DEFAULT_LIMIT = 16
 
 
 def _table(rows: list[tuple[str, str]]) -> None:
@@ -32,7 +30,12 @@ def _table(rows: list[tuple[str, str]]) -> None:
     "--direction", "run_dir", required=True, type=click.Path(path_type=Path), help="RUN_DIR written by select."
 )
 @click.option(
-    "--format", "out_format", type=click.Choice(["hf", "gguf"]), default="hf", show_default=True, help="Output format."
+    "--format",
+    "out_format",
+    type=click.Choice(["hf", "gguf", "lora"]),
+    default="hf",
+    show_default=True,
+    help="Output: a transformers folder, a GGUF file, or LoRA adapters (PEFT + llama.cpp) for an unchanged base.",
 )
 @click.option(
     "-o", "--output", "out", required=True, type=click.Path(path_type=Path), help="Folder (hf) or .gguf file to write."
@@ -62,9 +65,10 @@ def _table(rows: list[tuple[str, str]]) -> None:
 )
 @click.option(
     "--mode",
-    type=click.Choice(["ablate", "add", "affine"]),
+    type=click.Choice(["ablate", "add", "affine", "scale"]),
     default=None,
-    help="Edit to bake (default: the direction's): remove, add alpha*r at its layer, or ACE pinned there.",
+    help="Edit to bake (default: the direction's): remove, add alpha*r at its layer, ACE pinned there, "
+    "or scale the component around the harmful/harmless midpoint by 1 + alpha.",
 )
 @click.option("--alpha", type=float, default=None, help="Coefficient for add / affine (default: the direction's).")
 @click.option(
@@ -88,9 +92,21 @@ def bake_cmd(
     edited_type_always,
 ) -> None:
     """Bake the refusal direction of RUN_DIR into MODEL's weights; write a model folder (hf) or file (gguf)."""
-    from cosmic_bake.bake import bake_folder
+    from cosmic_bake.api import bake
     from cosmic_bake.outputs import check_target
 
+    if out_format == "lora":
+        from cosmic_bake.api import export_lora
+
+        if outtype is not None or (mode not in (None, "ablate")):
+            raise CosmicBakeError("--format lora carries linear removal only", "drop --outtype / --mode")
+        done = export_lora(model, run_dir, out, force=force, allow_mismatch=allow_mismatch)
+        click.echo(f"LoRA adapters for {model}: {done['modules']} modules (rank 1)")
+        _table(
+            [(name, f"{size / 2**20:.2f} MiB") for name, size in sorted(done["bytes"].items())]
+            + [("written", str(out))]
+        )
+        return
     if out_format == "gguf":
         _bake_gguf(
             model,
@@ -109,18 +125,14 @@ def bake_cmd(
     if outtype is not None:
         raise CosmicBakeError("--outtype applies to --format gguf", "drop --outtype, or pass --format gguf")
     check_target(out, force=force)
-    from cosmic_bake.model.loading import source_folder
-
-    source, folder = source_folder(model)
-    report = bake_folder(
-        folder,
+    report = bake(
+        model,
         run_dir,
         out,
         embeddings=embeddings,
         force=force,
         max_shard_size=max_shard_size,
         allow_mismatch=allow_mismatch,
-        source=source,
         mode=mode,
         alpha=alpha,
     )
@@ -143,13 +155,15 @@ def bake_cmd(
 
 
 def _bake_gguf(model, run_dir, out, outtype, edited_type, always, embeddings, force, allow_mismatch, mode, alpha):
-    from cosmic_bake.export_gguf import bake_to_gguf, manifest_path
+    from cosmic_bake.api import bake as bake_model
+    from cosmic_bake.export_gguf import manifest_path
     from cosmic_bake.verify import gguf_class
 
-    bake = bake_to_gguf(
+    bake = bake_model(
         model,
         run_dir,
         out,
+        format="gguf",
         outtype=outtype and outtype.lower(),
         edited_type=edited_type.lower(),
         edited_type_always=always,
@@ -189,30 +203,6 @@ def _bake_gguf(model, run_dir, out, outtype, edited_type, always, embeddings, fo
         )
 
 
-def _verify_gguf(a, arch, baked: str, direction, prompts: list[str], fmt):
-    """Run the baked GGUF in llama.cpp; also the source GGUF (runtime floor) when the original is one."""
-    from cosmic_bake.model.llamacpp import LlamaCppModel
-    from cosmic_bake.verify import verify_gguf
-
-    longest = max(int(fmt.encode([p])["input_ids"].shape[1]) for p in prompts)
-    n_ctx = max(64, longest + 8)
-    model = LlamaCppModel(Path(baked), n_ctx=n_ctx, all_logits=True)
-    source = None
-    if a.source.kind == "gguf":
-        source = LlamaCppModel(a.source.path, n_ctx=n_ctx, all_logits=True)
-    return verify_gguf(a.model, arch, model, direction, prompts, fmt, source=source)
-
-
-def _verify_prompts(prompts_file: str | None, column: str | None, limit: int | None) -> list[str]:
-    """``--prompts FILE`` (first ``limit``), or the first 16 harmless and 16 harmful built-ins."""
-    from cosmic_bake.prompts import load_prompts
-
-    if prompts_file is not None:
-        return load_prompts(prompts_file, column, limit=limit)
-    n = limit or VERIFY_DEFAULT_LIMIT
-    return [p for name in VERIFY_DEFAULT_SETS for p in load_prompts(name, limit=n)]
-
-
 @click.command("verify")
 @click.argument("original")
 @click.argument("baked")
@@ -222,35 +212,38 @@ def _verify_prompts(prompts_file: str | None, column: str | None, limit: int | N
 @click.option("--limit", default=None, type=click.IntRange(1), help="Use at most N prompts (per built-in set).")
 @click.option("-o", "--output", "out", default=None, type=click.Path(path_type=Path), help="JSON report to write.")
 @click.option("--chat-template", default=None, help="Jinja template or format string with {instruction}.")
-@click.option("--system-prompt", default=None, help="System prompt (replaces the template's default).")
+@system_prompt_option
 @click.option("--dtype", default="float32", show_default=True, type=click.Choice(["float32", "bfloat16", "float16"]))
 @click.option("--batch-size", default=8, show_default=True, type=click.IntRange(1, 4096))
 def verify_cmd(
     original, baked, run_dir, prompts_file, column, limit, out, chat_template, system_prompt, dtype, batch_size
 ) -> None:
     """Compare BAKED with ORIGINAL + the removal hook; exit 1 if outside tolerance."""
+    from cosmic_bake.api import verify
     from cosmic_bake.artifacts import Direction
-    from cosmic_bake.model.architecture import probe
-    from cosmic_bake.model.chat import ChatFormat, read_template_option
-    from cosmic_bake.model.loading import load_model
     from cosmic_bake.outputs import write_json
-    from cosmic_bake.verify import baked_settings, verify
+    from cosmic_bake.verify import baked_settings
 
+    report = verify(
+        original,
+        baked,
+        run_dir,
+        prompts=prompts_file,
+        column=column,
+        limit=limit,
+        chat_template=chat_template,
+        system_prompt=system_prompt,
+        dtype=dtype,
+        batch_size=batch_size,
+    )
     direction = Direction.load(run_dir)
     settings = baked_settings(baked)
-    if settings is not None:  # verify against the hook of what was actually baked
+    if settings is not None:
         direction = direction.with_mode(*settings)
-    prompts = _verify_prompts(prompts_file, column, limit)
-    a = load_model(original, dtype=dtype)
-    arch = probe(a.model)
-    fmt = ChatFormat(a.tokenizer, read_template_option(chat_template), system_prompt)
-    if str(baked).lower().endswith(".gguf"):
-        report = _verify_gguf(a, arch, baked, direction, prompts, fmt)
-    else:
-        b = load_model(baked, dtype=dtype)
-        report = verify(a.model, arch, b.model, direction, prompts, fmt, batch_size)
     runtime = f"{report.runtime}, {report.weight_type or report.dtype}"
-    hook = {"ablate": "removal", "add": "addition", "affine": "pinned affine"}[direction.mode]
+    hook = {"ablate": "removal", "add": "addition", "affine": "pinned affine", "scale": "midpoint scaling"}[
+        direction.mode
+    ]
     click.echo(f"verify {baked} ({runtime}) against {original} + {hook} hook ({report.n_prompts} prompts)")
     gate = {"max_kl": "max KL", "mean_kl": "mean KL"}[report.gate]
     rows = [
@@ -259,7 +252,7 @@ def verify_cmd(
         ("mean KL", f"{report.mean_kl:.3e}"),
         ("max KL", f"{report.max_kl:.3e}"),
         ("top-1 agreement", f"{report.top1_agreement:.4f}  (tolerance {report.top1_tolerance})"),
-        ("tolerance", f"{gate} <= {report.kl_tolerance:.0e}"),
+        ("tolerance", f"{gate} <= {report.kl_tolerance:.2g}"),
     ]
     if report.runtime_floor:
         f = report.runtime_floor

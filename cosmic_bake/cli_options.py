@@ -4,6 +4,22 @@ from __future__ import annotations
 
 import click
 
+SYSTEM_PROMPT_HELP = (
+    "System prompt replacing the template's default: TEXT, @FILE, or preset:NAME (preset:refuse-all is the "
+    "paper's adversarial complete-refusal setting)."
+)
+
+
+def _read_system_prompt(_ctx, _param, value):
+    from cosmic_bake.model.chat import read_system_prompt
+
+    return read_system_prompt(value)
+
+
+def system_prompt_option(f):
+    """``--system-prompt TEXT|@FILE|preset:NAME``, handed to the command as the prompt's text."""
+    return click.option("--system-prompt", default=None, callback=_read_system_prompt, help=SYSTEM_PROMPT_HELP)(f)
+
 
 def eval_sets(f):
     """The prompt-set and generation options shared by ``eval`` and ``sweep``."""
@@ -26,11 +42,78 @@ def common_options(f):
         click.option(
             "--chat-template", default=None, help="Jinja template or format string with {instruction} (FILE or STRING)."
         ),
-        click.option("--system-prompt", default=None, help="System prompt (replaces the template's default)."),
+        system_prompt_option,
         click.option(
             "--dtype", default="float32", show_default=True, type=click.Choice(["float32", "bfloat16", "float16"])
         ),
         click.option("--batch-size", default=32, show_default=True, type=click.IntRange(1, 4096)),
+    ]
+    for opt in reversed(options):
+        f = opt(f)
+    return f
+
+
+def parse_eval_layers(value: str | None) -> list[int] | float | None:
+    """``--eval-layers``: ``0.2`` (a fraction of the layers, lowest similarity first) or ``19,23``."""
+    from cosmic_bake.errors import CosmicBakeError
+
+    if value is None:
+        return None
+    text = value.strip()
+    try:
+        if "." in text and "," not in text:
+            return float(text)
+        return [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise CosmicBakeError(
+            f"--eval-layers '{value}' is neither a fraction nor a list of layer indices", "pass e.g. 0.2 or 19,23"
+        ) from None
+
+
+def selection_options(f):
+    """The options that say how candidates are made and scored (``select`` and ``compare``)."""
+    options = [
+        click.option(
+            "--direction-method",
+            type=click.Choice(["mean", "pca"]),
+            default="mean",
+            show_default=True,
+            help="Difference in means (the paper), or the first principal component of the paired differences.",
+        ),
+        click.option(
+            "--eval-layers",
+            default=None,
+            help="Override L_low: a fraction of the layers (e.g. 0.2) or layer indices (e.g. 19,23). Default: 10%.",
+        ),
+        click.option("--kl-threshold", default=0.1, show_default=True, type=float),
+    ]
+    for opt in reversed(options):
+        f = opt(f)
+    return f
+
+
+def training_sets(f):
+    """The training and validation prompt options of the commands that select (``select``, ``compare``)."""
+    options = [
+        click.option("--harmful", default="builtin:harmful", show_default=True, help="Harmful training prompts."),
+        click.option("--harmless", default="builtin:harmless", show_default=True, help="Harmless training prompts."),
+        click.option(
+            "--harmful-val",
+            default=None,
+            help="Harmful validation prompts (default: hold out the last 16, at most 20%, of --harmful).",
+        ),
+        click.option(
+            "--harmless-val",
+            default=None,
+            help="Harmless validation prompts (default: hold out the last 16, at most 20%, of --harmless).",
+        ),
+        click.option("--column", default=None, help="Column holding the prompt in csv/parquet/json/Hub sets."),
+        click.option(
+            "--limit", default=None, type=click.IntRange(1), help="Use at most N prompts of each training set."
+        ),
+        click.option(
+            "--limit-val", default=None, type=click.IntRange(1), help="Use at most N prompts of each validation set."
+        ),
     ]
     for opt in reversed(options):
         f = opt(f)

@@ -24,7 +24,7 @@ def parse_alphas(text: str | None) -> list[float]:
 @click.command("sweep")
 @click.argument("model")
 @click.option("--direction", "run_dir", required=True, type=click.Path(path_type=Path), help="RUN_DIR from select.")
-@click.option("--mode", type=click.Choice(["add", "affine"]), default="affine", show_default=True)
+@click.option("--mode", type=click.Choice(["add", "affine", "scale"]), default="affine", show_default=True)
 @click.option("--alphas", default="0,0.5,1,1.5,2", show_default=True, help="Comma-separated alphas.")
 @eval_sets
 @click.option("--max-harmless-refusal", default=0.05, show_default=True, type=click.FloatRange(0, 1))

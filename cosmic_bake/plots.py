@@ -66,3 +66,21 @@ def plot_metric_sweep(xs: list[float], series: dict[str, list[float]], path: Pat
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
+
+
+def plot_comparison(labels: list[str], series: dict[str, list[float]], path: Path, title: str) -> Path:
+    """Grouped bars: one group per compared row (unedited, each selector), one bar per metric."""
+    fig, ax = plt.subplots(figsize=(1.8 + 1.6 * len(labels), 4))
+    width = 0.8 / max(1, len(series))
+    for k, (name, ys) in enumerate(series.items()):
+        xs = [i + (k - (len(series) - 1) / 2) * width for i in range(len(labels))]
+        bars = ax.bar(xs, ys, width, label=name)
+        ax.bar_label(bars, fmt="%.2f", fontsize=7)
+    ax.set_xticks(range(len(labels)), labels)
+    ax.set_title(title)
+    ax.grid(alpha=0.3, axis="y")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path

@@ -32,6 +32,7 @@ def selection_record(sel: Selection) -> dict:
     return {
         "selector": sel.selector,
         "mode": sel.mode,
+        "direction_method": sel.direction_method,
         "chosen": {"position": pos, "layer": layer},
         "chosen_scores": chosen_scores,
         "eval_layers": sel.eval_layers,
@@ -41,6 +42,28 @@ def selection_record(sel: Selection) -> dict:
         "timings": sel.timings,
         "candidates": sel.rows(),
     }
+
+
+def chosen_direction(sel: Selection, lm, fmt) -> Direction:
+    """The direction artifact for a selection's choice, with what is needed to reproduce it."""
+    pos, layer = sel.chosen
+    extra = {}
+    if sel.direction_method != "mean":
+        extra["direction_method"] = sel.direction_method
+    if fmt.system_prompt is not None:
+        extra["system_prompt"] = fmt.system_prompt
+    return Direction(
+        direction=sel.direction,
+        reference=sel.reference,
+        layer=layer,
+        position=pos,
+        mode=sel.mode,
+        selector=sel.selector,
+        alpha=0.0 if sel.mode in ("affine", "ace") else 1.0,
+        model_id=lm.source.spec,
+        model_hash=model_hash(source_record(lm.source)),
+        extra=extra,
+    )
 
 
 def run_select(
@@ -58,6 +81,8 @@ def run_select(
     settings: dict,
     alphas: list[float] | None = None,
     max_harmless_refusal: float = 0.05,
+    eval_layers: list[int] | float | None = None,
+    direction_method: str = "mean",
 ) -> dict:
     """Select, then write ``out`` (nothing is written if selection fails).
 
@@ -77,23 +102,15 @@ def run_select(
         selector=selector,
         batch_size=batch_size,
         kl_threshold=kl_threshold,
+        eval_layers=eval_layers,
+        direction_method=direction_method,
     )
     t = time.perf_counter()
     src = source_record(lm.source)
     record = selection_record(sel)
     record["settings"] = {**settings, "batch_size": batch_size, "kl_threshold": kl_threshold}
     pos, layer = sel.chosen
-    direction = Direction(
-        direction=sel.direction,
-        reference=sel.reference,
-        layer=layer,
-        position=pos,
-        mode=mode,
-        selector=selector,
-        alpha=0.0 if mode in ("affine", "ace") else 1.0,
-        model_id=lm.source.spec,
-        model_hash=model_hash(src),
-    )
+    direction = chosen_direction(sel, lm, fmt)
     swept = None
     if alphas:
         from cosmic_bake.errors import CosmicBakeError
@@ -144,15 +161,7 @@ def run_select(
             stage="select",
             source=src,
             extra={
-                "direction": {
-                    "file": DIRECTION_FILE,
-                    "sha256_float64": direction.digest,
-                    "layer": layer,
-                    "position": pos,
-                    "mode": mode,
-                    "selector": selector,
-                    "alpha": direction.alpha,
-                },
+                "direction": {"file": DIRECTION_FILE, **direction.record()},
                 "scores": record["chosen_scores"],
                 "settings": record["settings"],
             },

@@ -19,7 +19,7 @@ import torch
 
 from cosmic_bake.errors import CosmicBakeError
 from cosmic_bake.math import scores as S
-from cosmic_bake.math.directions import MeanAccumulator, mean_difference
+from cosmic_bake.math.directions import DIRECTION_METHODS, MeanAccumulator, mean_difference, pca_direction
 from cosmic_bake.model.architecture import Architecture
 from cosmic_bake.model.chat import ChatFormat
 from cosmic_bake.model.forward import Recorded, forward
@@ -68,19 +68,37 @@ class Candidates:
         return self.directions.shape[0]
 
 
-def collect_candidates(model, arch: Architecture, fmt: ChatFormat, harmful: Batches, harmless: Batches) -> Candidates:
-    """One pass over each training set gives both the candidates and the layer similarities."""
+def collect_candidates(
+    model, arch: Architecture, fmt: ChatFormat, harmful: Batches, harmless: Batches, method: str = "mean"
+) -> Candidates:
+    """One pass over each training set gives both the candidates and the layer similarities.
+
+    ``method="mean"`` is the paper's difference in means. ``method="pca"`` keeps every prompt's
+    activations (float32, ``n x P x L x d`` per set) and takes the first principal component of
+    the paired differences instead (:func:`~cosmic_bake.math.directions.pca_direction`); the means,
+    the reference point and the layer similarities are the same either way.
+    """
+    if method not in DIRECTION_METHODS:
+        raise CosmicBakeError(f"unknown direction method '{method}'", f"use one of {', '.join(DIRECTION_METHODS)}")
     P, L = fmt.n_positions, arch.n_layers
-    means = {}
+    means, rows = {}, {}
     for name, batches in (("harmful", harmful), ("harmless", harmless)):
         acc_in, acc_out = MeanAccumulator(), MeanAccumulator()
+        kept = []
         for batch in progress(batches.encoded, f"activations ({name} train)"):
             rec = forward(model, arch, batch, input_positions=P, output_layers=list(range(L)))
             _check_finite(rec.inputs, f"{name} training activations")
-            acc_in.update(rec.inputs.permute(0, 2, 1, 3))  # [B, P, L, d]
+            per_prompt = rec.inputs.permute(0, 2, 1, 3)  # [B, P, L, d]
+            acc_in.update(per_prompt)
             acc_out.update(rec.outputs)
+            if method == "pca":
+                kept.append(per_prompt.float())
         means[name] = (acc_in.mean(), acc_out.mean())
-    directions = mean_difference(means["harmful"][0], means["harmless"][0])
+        rows[name] = kept
+    if method == "pca":
+        directions = pca_direction(torch.cat(rows["harmful"]), torch.cat(rows["harmless"]))
+    else:
+        directions = mean_difference(means["harmful"][0], means["harmless"][0])
     sims = torch.nn.functional.cosine_similarity(means["harmful"][1], means["harmless"][1], dim=-1)
     return Candidates(directions, means["harmless"][0], means["harmful"][0], sims)
 
@@ -275,6 +293,7 @@ class Selection:
     suffix_tokens: list[str]
     timings: dict[str, float] = field(default_factory=dict)
     counts: dict[str, int] = field(default_factory=dict)
+    direction_method: str = "mean"
 
     @property
     def direction(self) -> torch.Tensor:
@@ -351,12 +370,18 @@ def select(
     selector: str = "cosmic",
     batch_size: int = 32,
     kl_threshold: float = 0.1,
-    eval_layers: list[int] | None = None,
+    eval_layers: list[int] | float | None = None,
     packed: bool = True,
+    direction_method: str = "mean",
+    candidates: Candidates | None = None,
 ) -> Selection:
     """Run the whole selection; raises :class:`CosmicBakeError` if no candidate survives.
 
     ``packed=False`` runs left-padded batches exactly as the reference code does (slower).
+    ``eval_layers`` overrides L_low: explicit layer indices, or a fraction of the layers taken
+    lowest similarity first (default: the paper's 10%).
+    ``candidates`` reuses candidates collected before (``compare`` scores one set with both
+    selectors); their training prompts must be the ones given here.
     """
     if mode not in MODES:
         raise CosmicBakeError(f"unknown mode '{mode}'", f"use one of {', '.join(MODES)}")
@@ -375,9 +400,11 @@ def select(
     }
     timings["tokenize"] = time.perf_counter() - t
     t = time.perf_counter()
-    cands = collect_candidates(model, arch, fmt, sets["harmful_train"], sets["harmless_train"])
+    cands = candidates
+    if cands is None:
+        cands = collect_candidates(model, arch, fmt, sets["harmful_train"], sets["harmless_train"], direction_method)
     timings["candidates"] = time.perf_counter() - t
-    layers = eval_layers if eval_layers is not None else S.eval_layers(cands.similarities)
+    layers = S.resolve_eval_layers(eval_layers, cands.similarities)
     t = time.perf_counter()
     if selector == "cosmic":
         grid = score_cosmic(model, arch, cands, sets["harmful_val"], sets["harmless_val"], layers, mode)
@@ -404,4 +431,5 @@ def select(
         suffix_tokens=fmt.suffix_tokens(),
         timings=timings,
         counts={k: len(v.prompts) for k, v in sets.items()},
+        direction_method=direction_method,
     )

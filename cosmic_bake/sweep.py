@@ -72,8 +72,8 @@ def sweep(
     max_harmless_refusal: float = 0.05,
 ) -> Sweep:
     """Evaluate ``mode`` at every alpha (transformers hooks); the unedited logits are computed once."""
-    if mode not in ("add", "affine"):
-        raise CosmicBakeError(f"cannot sweep alpha for mode '{mode}'", "use --mode add or --mode affine")
+    if mode not in ("add", "affine", "scale"):
+        raise CosmicBakeError(f"cannot sweep alpha for mode '{mode}'", "use --mode add, affine or scale")
     if not alphas:
         raise CosmicBakeError("no alphas to sweep", "pass --alphas like 0,0.5,1,2")
     base = first_token_logits(model, fmt, harmless, batch_size)

@@ -247,8 +247,8 @@ def test_direction_from_another_model(tiny_model_factory, tmp_path):
 
 def test_unknown_mode_is_refused(tiny_model_factory, tmp_path):
     source = tiny_model_factory("llama", num_layers=4)
-    with pytest.raises(CosmicBakeError, match="cannot bake mode 'scale'"):
-        bake_folder(source, random_direction(source, mode="scale"), tmp_path / "baked")
+    with pytest.raises(CosmicBakeError, match="cannot bake mode 'rotate'"):
+        bake_folder(source, random_direction(source, mode="rotate"), tmp_path / "baked")
     assert not (tmp_path / "baked").exists()
 
 

@@ -91,7 +91,7 @@ def test_no_exact_place_for_a_later_constant_refuses(arch, tiny_model_factory, t
 
 
 @pytest.mark.parametrize("arch", ["llama", "qwen2"])
-@pytest.mark.parametrize("mode", ["add", "affine"])
+@pytest.mark.parametrize("mode", ["add", "affine", "scale"])
 def test_baked_steering_gguf_equals_hook_in_llama_cpp(arch, mode, tiny_model_factory, tmp_path):
     from cosmic_bake.export_gguf import bake_to_gguf
     from cosmic_bake.model.llamacpp import LlamaCppModel
@@ -247,3 +247,42 @@ def test_zero_directions_are_never_chosen(tiny_model_factory):
     zero = [r for r in sel.rows() if r["reason"] == "zero direction"]
     assert zero and all(r["layer"] == 0 for r in zero)
     assert float(sel.direction.norm()) > 0
+
+
+@pytest.mark.parametrize(
+    ("arch", "tied"),
+    [("llama", False), ("llama", True), ("qwen2", False), ("mistral", False), ("phi3", False), ("mixtral", False)],
+)
+def test_baked_scale_equals_hook(arch, tied, tiny_model_factory, tmp_path):
+    folder = tiny_model_factory(arch, tied=tied, bias=True)
+    d = _direction(folder, "scale", 2, 1.5)
+    out = tmp_path / "baked"
+    report = bake_folder(folder, d, out)
+    assert report.mode == "scale" and "embedding" in report.constant
+    assert "scaled around the harmful/harmless midpoint" in (out / "README.md").read_text()
+    _check(folder, out, d)
+
+
+def test_scale_hook_moves_projections_around_the_midpoint(tiny_model_factory):
+    from cosmic_bake.model.forward import forward
+    from cosmic_bake.model.hooks import intervene
+
+    folder = tiny_model_factory("llama", num_layers=3)
+    lm = load_model(folder)
+    arch, fmt = probe(lm.model), ChatFormat(lm.tokenizer)
+    d = _direction(folder, "scale", 1, 2.0)
+    iv = d.hook()
+    r_hat = d.direction / d.direction.norm()
+    batch = fmt.encode(PROMPTS)
+    plain = forward(lm.model, arch, batch, input_positions=1).inputs[:, 0, 0].double() @ r_hat
+    with intervene(arch, iv):
+        scaled = forward(lm.model, arch, batch, input_positions=1).inputs[:, 0, 0].double() @ r_hat
+    m = iv.midpoint()
+    torch.testing.assert_close(scaled, plain + 2.0 * (plain - m), rtol=1e-4, atol=1e-4)  # at block 0's input
+
+
+def test_scale_refuses_post_norms_and_gguf_sources(tiny_model_factory, tmp_path):
+    folder = tiny_model_factory("gemma2", tied=True)
+    with pytest.raises(CosmicBakeError, match="not exact where norms follow the writers"):
+        bake_folder(folder, _direction(folder, "scale", 1, 1.0), tmp_path / "out")
+    assert not (tmp_path / "out").exists()

@@ -33,6 +33,15 @@ def _describe(report: BakeReport) -> tuple[str, str]:
             f"stream at the input of layer {report.layer} (activation addition), stored in the weights: "
             f"{report.constant}. This is the weight form of the `add` runtime hook.",
         )
+    if report.mode == "scale":
+        return (
+            f"with its refusal component scaled around the harmful/harmless midpoint (beta {report.alpha:g})",
+            "Every module that writes into the residual stream was scaled by 1 + beta along a refusal direction "
+            f"found with COSMIC, and the embedding moved so that the stream's component p along it becomes "
+            f"p + beta (p - m), m the midpoint of the harmful and harmless means at layer {report.layer} "
+            f"(beta = {report.alpha:g}): {report.constant}. Prompts on the harmful side are pushed toward "
+            "refusal, prompts on the harmless side away from it. This is the weight form of the `scale` hook.",
+        )
     if report.mode == "affine":
         return (
             f"with its refusal component pinned (affine edit, alpha {report.alpha:g})",
@@ -98,4 +107,70 @@ def model_card(report: BakeReport, plan: BakePlan, source_name: str, base_model:
     ]
     if report.warnings:
         body += ["", "**Warnings:**", *[f"- {w}" for w in report.warnings]]
+    return "\n".join([*front, "", *body]) + "\n"
+
+
+def results_section(rows: list[dict]) -> str:
+    """A card section with what verify and eval measured (rows as ``run``'s summary holds them)."""
+    lines = [
+        "## Verification and evaluation",
+        "",
+        "`verify` compares each export with the original model plus the runtime hook this edit equals "
+        "(next-token logits at every prompt position). `eval` counts refusals by substring (greedy "
+        "generation) and measures the first-token KL on harmless prompts against the original.",
+        "",
+        "| output | verify | mean KL | max KL | top-1 | harmful refusal | harmless refusal | harmless KL |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+
+    def num(d: dict, k: str, fmt: str) -> str:
+        return "—" if d.get(k) is None else format(d[k], fmt)
+
+    for row in rows:
+        v, e = row.get("verify") or {}, row.get("eval") or {}
+        rates = [
+            "—" if e.get(f"{w}_refusal_rate") is None else f"{e[f'{w}_refusal_rate']:.1%} of {e[f'n_{w}']}"
+            for w in ("harmful", "harmless")
+        ]
+        lines.append(
+            f"| {row['export']} | {('PASS' if v.get('passed') else 'FAIL') if v else '—'} | "
+            f"{num(v, 'mean_kl', '.2e')} | {num(v, 'max_kl', '.2e')} | {num(v, 'top1_agreement', '.3f')} | "
+            f"{rates[0]} | {rates[1]} | {num(e, 'harmless_kl', '.4f')} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def card_with_results(card: str, rows: list[dict]) -> str:
+    """``card`` with the results section appended (replacing an earlier one)."""
+    head = card.split("\n## Verification and evaluation\n", 1)[0].rstrip("\n")
+    return head + "\n\n" + results_section(rows)
+
+
+def lora_card(base_model: str, direction: Direction, n_modules: int, with_gguf: bool) -> str:
+    """README.md for a LoRA export: what the adapter does and how to apply it in each runtime."""
+    hub = base_model if _HUB_ID.match(base_model) and not Path(base_model).exists() else None
+    front = [
+        "---",
+        *([f"base_model: {hub}"] if hub else []),
+        "library_name: peft",
+        "tags:",
+        "- cosmic-bake",
+        "- refusal-direction",
+        "- lora",
+        "---",
+    ]
+    body = [
+        f"# Refusal-direction removal for `{base_model}` as a LoRA adapter",
+        "",
+        f"Made with cosmic-bake {__version__}. Every residual writer (attention output and MLP down "
+        "projection) and the token embedding get a rank-1 update `W + B A` with `B = -r` and "
+        "`A = r^T W` (alpha = rank = 1), which removes a refusal direction `r` found with COSMIC "
+        f"(layer {direction.layer}, position {direction.position}, direction SHA-256 "
+        f"`{direction.digest[:16]}`): {n_modules} modules.",
+        "",
+        "transformers: `PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(BASE), THIS_FOLDER)`.",
+    ]
+    if with_gguf:
+        body.append("llama.cpp: `llama-cli -m BASE.gguf --lora adapter.gguf` (the base may be quantized).")
+    body += ["", "Check it: `cosmic-bake verify BASE THIS_FOLDER --direction RUN_DIR`. Hashes in `manifest.json`."]
     return "\n".join([*front, "", *body]) + "\n"

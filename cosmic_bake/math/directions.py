@@ -33,3 +33,33 @@ class MeanAccumulator:
 def mean_difference(harmful_mean: torch.Tensor, harmless_mean: torch.Tensor) -> torch.Tensor:
     """``r = mean_harmful - mean_harmless`` (unnormalised, float64), any leading shape."""
     return harmful_mean.double() - harmless_mean.double()
+
+
+DIRECTION_METHODS = ("mean", "pca")
+
+
+def pca_direction(harmful: torch.Tensor, harmless: torch.Tensor) -> torch.Tensor:
+    """First principal component of paired differences, as a direction comparable to the mean's.
+
+    ``harmful`` and ``harmless`` are ``[n, ..., d]`` activations; prompt ``i`` of one set is paired
+    with prompt ``i`` of the other (the first ``min`` of both). The principal component ``u`` of
+    the centred differences is the axis along which the pairs differ most; its sign is set so that
+    it points the way the mean difference ``m`` does, and it is scaled by ``m . u``. The result
+    then has the same meaning as a difference in means for the additive and affine edits (adding
+    it moves the harmless mean's projection onto the harmful one's), and is zero where ``m`` is.
+    Returns ``[..., d]`` float64.
+    """
+    n = min(harmful.shape[0], harmless.shape[0])
+    if n < 2:
+        raise ValueError("pca_direction needs at least two pairs")
+    diffs = harmful[:n].double() - harmless[:n].double()  # [n, ..., d]
+    lead = diffs.shape[1:-1]
+    d = diffs.shape[-1]
+    flat = diffs.reshape(n, -1, d).transpose(0, 1)  # [K, n, d]
+    mean = flat.mean(dim=1)  # [K, d]
+    _, _, vh = torch.linalg.svd(flat - mean.unsqueeze(1), full_matrices=False)
+    u = vh[:, 0, :]  # [K, d], unit
+    proj = (u * mean).sum(dim=-1, keepdim=True)
+    u = torch.where(proj < 0, -u, u)
+    r = proj.abs() * u
+    return r.reshape(*lead, d)

@@ -62,11 +62,15 @@ def _row_step(n_cols: int, block_elements: int) -> int:
     return max(1, block_elements // max(1, n_cols))
 
 
-def project_out_rows_(weight: torch.Tensor, r_hat: torch.Tensor, block_elements: int = BLOCK_ELEMENTS) -> torch.Tensor:
-    """In place ``W <- (I - r_hat r_hat^T) W`` for a contiguous ``W [d, *]``, computed in float64.
+def project_out_rows_(
+    weight: torch.Tensor, r_hat: torch.Tensor, block_elements: int = BLOCK_ELEMENTS, coeff: float = 1.0
+) -> torch.Tensor:
+    """In place ``W <- (I - k r_hat r_hat^T) W`` for a contiguous ``W [d, *]``, computed in float64.
 
-    Two passes over contiguous row blocks: ``c = r_hat^T W`` accumulated in float64, then
-    ``W[i] <- W[i] - r_hat[i] c``. Same result as :func:`project_out_rows` up to float64 rounding.
+    ``k = 1`` removes the component (ablation); ``k = -beta`` scales it by ``1 + beta`` (the
+    ``scale`` steering mode). Two passes over contiguous row blocks: ``c = r_hat^T W`` accumulated
+    in float64, then ``W[i] <- W[i] - k r_hat[i] c``. Same result as :func:`project_out_rows` (for
+    ``k = 1``) up to float64 rounding.
     """
     flat = weight.view(weight.shape[0], -1)
     r = r_hat.to(torch.float64)
@@ -76,16 +80,19 @@ def project_out_rows_(weight: torch.Tensor, r_hat: torch.Tensor, block_elements:
         c += r[a : a + step] @ flat[a : a + step].double()
     for a in range(0, flat.shape[0], step):
         block = flat[a : a + step]
-        block.copy_(block.double() - torch.outer(r[a : a + step], c))
+        block.copy_(block.double() - coeff * torch.outer(r[a : a + step], c))
     return weight
 
 
-def project_out_cols_(weight: torch.Tensor, r_hat: torch.Tensor, block_elements: int = BLOCK_ELEMENTS) -> torch.Tensor:
-    """In place ``E <- E (I - r_hat r_hat^T)`` for a contiguous ``E [n, d]``, computed in float64 row blocks."""
+def project_out_cols_(
+    weight: torch.Tensor, r_hat: torch.Tensor, block_elements: int = BLOCK_ELEMENTS, coeff: float = 1.0
+) -> torch.Tensor:
+    """In place ``E <- E (I - k r_hat r_hat^T)`` for a contiguous ``E [n, d]``, in float64 row blocks."""
     flat = weight.view(-1, weight.shape[-1])
     r = r_hat.to(torch.float64)
     step = _row_step(flat.shape[1], block_elements)
     for a in range(0, flat.shape[0], step):
         block = flat[a : a + step]
-        block.copy_(project_out_cols(block.double(), r))
+        b = block.double()
+        block.copy_(b - coeff * torch.outer(b @ r, r))
     return weight

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 
 import torch
 
+from cosmic_bake.errors import CosmicBakeError
 from cosmic_bake.math.projections import UNIT_EPS
 
 
@@ -34,6 +35,27 @@ def eval_layers(similarities: torch.Tensor, count: int | None = None) -> list[in
     count = n_eval_layers(len(similarities)) if count is None else count
     order = sorted(range(len(similarities)), key=lambda j: (float(similarities[j]), j))
     return order[:count]
+
+
+def resolve_eval_layers(spec: list[int] | float | None, similarities: torch.Tensor) -> list[int]:
+    """L_low from a user override: ``None`` (the paper's 10%), a fraction in (0, 1], or indices.
+
+    The paper leaves open whether 10% of the lowest-similarity layers is the right set; this lets a
+    user test other choices while the default stays the paper's.
+    """
+    n = len(similarities)
+    if spec is None:
+        return eval_layers(similarities)
+    if isinstance(spec, float):
+        if not 0 < spec <= 1:
+            raise CosmicBakeError(f"--eval-layers fraction {spec:g} is not in (0, 1]", "pass e.g. 0.1 or 0.2")
+        return eval_layers(similarities, max(1, math.floor(spec * n)))
+    layers = sorted(set(int(j) for j in spec))
+    if not layers or layers[0] < 0 or layers[-1] >= n:
+        raise CosmicBakeError(
+            f"--eval-layers {spec} is not a set of layers of this {n}-layer model", f"pass indices in 0..{n - 1}"
+        )
+    return layers
 
 
 def pooled_unit(outputs: torch.Tensor) -> torch.Tensor:

@@ -24,7 +24,7 @@ from cosmic_bake.errors import CosmicBakeError
 from cosmic_bake.math.projections import unit
 from cosmic_bake.model.architecture import Architecture
 
-KINDS = ("remove", "add", "affine", "pin")
+KINDS = ("remove", "add", "affine", "pin", "scale")
 
 
 @dataclass(frozen=True)
@@ -39,6 +39,12 @@ class Intervention:
     block 0 and at every writer output, so no block ever writes along ``r_hat``, plus
     ``c = (mu . r_hat) r_hat + alpha * r`` added at the input of block ``layer``. The stream's
     component along ``r_hat`` is then 0 before ``layer`` and pinned to ``c . r_hat`` from there on.
+    ``scale`` (beyond the paper; ``alpha`` is ``beta``): the component along ``r_hat`` is scaled by
+    ``1 + beta`` around the midpoint ``m`` of the harmful and harmless means' projections
+    (``m = mu . r_hat + |r| / 2``): ``x <- x + beta ((x . r_hat) - m) r_hat`` at block 0's input
+    and ``w <- w + beta (w . r_hat) r_hat`` at every writer output, so at every layer the
+    projection ``p`` becomes ``p + beta (p - m)``: prompts on the harmful side move further toward
+    refusal, prompts on the harmless side away from it (ACE moves both the same way).
     """
 
     kind: str
@@ -52,7 +58,7 @@ class Intervention:
             raise CosmicBakeError(f"unknown intervention '{self.kind}'", f"use one of {', '.join(KINDS)}")
         if self.kind != "remove" and self.layer is None:
             raise CosmicBakeError(f"the '{self.kind}' intervention needs a layer", "pass the layer of the direction")
-        if self.kind in ("affine", "pin") and self.reference is None:
+        if self.kind in ("affine", "pin", "scale") and self.reference is None:
             raise CosmicBakeError(
                 "the affine intervention needs the harmless reference point", "use a direction artifact from select"
             )
@@ -73,17 +79,29 @@ class Intervention:
     def pin(cls, r: torch.Tensor, mu: torch.Tensor, layer: int, alpha: float = 0.0) -> Intervention:
         return cls("pin", r, layer, alpha, mu)
 
+    @classmethod
+    def scale(cls, r: torch.Tensor, mu: torch.Tensor, layer: int, beta: float = 1.0) -> Intervention:
+        return cls("scale", r, layer, beta, mu)
+
+    def midpoint(self) -> float:
+        """``scale``: the projection halfway between the harmless and harmful means at the direction's layer."""
+        r = self.direction.detach().to(torch.float64)
+        return float(self.reference.detach().to(torch.float64) @ unit(r)) + float(r.norm()) / 2
+
     def constant(self) -> torch.Tensor:
-        """The vector added at block ``layer``'s input (float64): ``alpha r``, or ACE's target."""
+        """The constant vector of the edit (float64): ``alpha r`` or ACE's target at block ``layer``;
+        for ``scale``, ``-beta m r_hat``, added at block 0's input (the embedding) after scaling."""
         r = self.direction.detach().to(torch.float64)
         if self.kind == "add":
             return self.alpha * r
-        mu = self.reference.detach().to(torch.float64)
         r_hat = unit(r)
+        if self.kind == "scale":
+            return -self.alpha * self.midpoint() * r_hat
+        mu = self.reference.detach().to(torch.float64)
         return (mu @ r_hat) * r_hat + self.alpha * r
 
 
-BAKED_MODES = ("ablate", "add", "affine")
+BAKED_MODES = ("ablate", "add", "affine", "scale")
 
 
 def baked_hook(mode: str, r: torch.Tensor, mu: torch.Tensor, layer: int, alpha: float) -> Intervention:
@@ -98,6 +116,8 @@ def baked_hook(mode: str, r: torch.Tensor, mu: torch.Tensor, layer: int, alpha: 
         return Intervention.add(r, layer, alpha)
     if mode == "affine":
         return Intervention.pin(r, mu, layer, alpha)
+    if mode == "scale":
+        return Intervention.scale(r, mu, layer, alpha)
     raise CosmicBakeError(f"unknown baked mode '{mode}'", f"use one of {', '.join(BAKED_MODES)}")
 
 
@@ -137,6 +157,25 @@ def _remove_out(r_hat: _Cast):
         x = _output_tensor(output)
         d = r_hat.like(x)
         x -= (x @ d).unsqueeze(-1) * d
+        return output
+
+    return hook
+
+
+def _scale_pre(r_hat: _Cast, beta: float, midpoint: float):
+    def hook(_module, args, kwargs):
+        x = _hidden(args, kwargs)
+        d = r_hat.like(x)
+        x += (beta * ((x @ d) - midpoint)).unsqueeze(-1) * d
+
+    return hook
+
+
+def _scale_out(r_hat: _Cast, beta: float):
+    def hook(_module, _args, output):
+        x = _output_tensor(output)
+        d = r_hat.like(x)
+        x += (beta * (x @ d)).unsqueeze(-1) * d
         return output
 
     return hook
@@ -189,6 +228,20 @@ def register(arch: Architecture, iv: Intervention) -> list[torch.utils.hooks.Rem
             "use a direction selected on this model",
         )
     handles = []
+    if iv.kind == "scale":
+        if arch.has_post_norms:
+            raise CosmicBakeError(
+                "the scale edit is not exact where norms follow the writers (Gemma 2/3)",
+                "use --mode ablate / affine on this model",
+            )
+        cast = _Cast(r_hat)
+        handles.append(
+            arch.blocks[0].block.register_forward_pre_hook(_scale_pre(cast, iv.alpha, iv.midpoint()), with_kwargs=True)
+        )
+        for b in arch.blocks:
+            handles.append(b.attn.register_forward_hook(_scale_out(cast, iv.alpha)))
+            handles.append(b.mlp.register_forward_hook(_scale_out(cast, iv.alpha)))
+        return handles
     if iv.kind in ("remove", "pin"):
         cast = _Cast(r_hat)
         for i, (b, (u_attn, u_mlp)) in enumerate(zip(arch.blocks, writer_directions(arch, r_hat))):

@@ -30,7 +30,15 @@ def _threads() -> int:
 class LlamaCppModel:
     """One llama.cpp model and context; sequences are evaluated one at a time from an empty cache."""
 
-    def __init__(self, path: Path, *, n_ctx: int = 2048, all_logits: bool = False, threads: int | None = None):
+    def __init__(
+        self,
+        path: Path,
+        *,
+        n_ctx: int = 2048,
+        all_logits: bool = False,
+        threads: int | None = None,
+        lora: Path | None = None,
+    ):
         import llama_cpp
 
         from cosmic_bake.export.gguf_io import check_magic
@@ -50,6 +58,7 @@ class LlamaCppModel:
                 # Verification keeps the KV cache in f32: llama.cpp's default f16 cache alone moves
                 # logits by ~1e-6 KL, which would hide weight errors of that size.
                 **({"type_k": GGML_F32, "type_v": GGML_F32} if all_logits else {}),
+                **({"lora_path": str(lora)} if lora is not None else {}),
             )
         except Exception as err:  # noqa: BLE001 - llama.cpp reports load failures as ValueError
             raise CosmicBakeError(

@@ -1,0 +1,320 @@
+"""The Python API: each stage of select -> bake -> export -> verify as one call.
+
+The command line is a thin layer over these functions, so a script gets exactly what the
+commands do (same defaults, same files, same errors):
+
+    from cosmic_bake import api
+
+    run = api.select("builtin:smollm2-135m-instruct", "out/run", limit=32, limit_val=4)
+    api.bake("builtin:smollm2-135m-instruct", run, "out/model")                         # transformers
+    api.bake("builtin:smollm2-135m-instruct", run, "out/model.gguf", format="gguf", outtype="q8_0")
+    print(api.verify("builtin:smollm2-135m-instruct", "out/model", run).passed)
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from cosmic_bake.errors import CosmicBakeError
+
+HOLDOUT = 16  # validation prompts held out of a training set when none is given (as the reference run)
+VERIFY_DEFAULT_SETS = ("builtin:harmless", "builtin:harmful")
+VERIFY_DEFAULT_LIMIT = 16
+
+
+def load(model: str, dtype: str = "float32", chat_template: str | None = None, system_prompt: str | None = None):
+    """``(LoadedModel, Architecture, ChatFormat)`` for a Hub id, folder, .gguf file or builtin name.
+
+    ``chat_template`` is a Jinja template or a format string (or a file holding one);
+    ``system_prompt`` replaces the template's default system prompt (text, see
+    :func:`~cosmic_bake.model.chat.read_system_prompt` for ``@FILE`` / ``preset:NAME``).
+    """
+    from cosmic_bake.model.architecture import probe
+    from cosmic_bake.model.chat import ChatFormat, read_template_option
+    from cosmic_bake.model.loading import load_model
+
+    lm = load_model(model, dtype=dtype)
+    arch = probe(lm.model)
+    return lm, arch, ChatFormat(lm.tokenizer, read_template_option(chat_template), system_prompt)
+
+
+def prompt_sets(
+    harmful: str = "builtin:harmful",
+    harmless: str = "builtin:harmless",
+    harmful_val: str | None = None,
+    harmless_val: str | None = None,
+    column: str | None = None,
+    limit: int | None = None,
+    limit_val: int | None = None,
+) -> dict[str, list[str]]:
+    """The four prompt lists select needs; validation sets default to a held-out tail of training."""
+    from cosmic_bake.prompts import load_prompts, require_count, split_holdout
+
+    def train_and_val(train: str, val: str | None) -> tuple[list[str], list[str]]:
+        prompts = load_prompts(train, column)
+        if val is not None:
+            return prompts, load_prompts(val, column)
+        return split_holdout(prompts, fraction=min(0.2, HOLDOUT / len(prompts)) if prompts else 0.2)
+
+    hf, hf_val = train_and_val(harmful, harmful_val)
+    hl, hl_val = train_and_val(harmless, harmless_val)
+    sets = {
+        "harmful train": hf[:limit],
+        "harmless train": hl[:limit],
+        "harmful val": hf_val[:limit_val],
+        "harmless val": hl_val[:limit_val],
+    }
+    for name, prompts in sets.items():
+        require_count(prompts, 4 if "train" in name else 2, name)
+    return sets
+
+
+def select(
+    model: str,
+    out: str | Path,
+    *,
+    harmful: str = "builtin:harmful",
+    harmless: str = "builtin:harmless",
+    harmful_val: str | None = None,
+    harmless_val: str | None = None,
+    column: str | None = None,
+    limit: int | None = None,
+    limit_val: int | None = None,
+    mode: str = "ablate",
+    selector: str = "cosmic",
+    direction_method: str = "mean",
+    eval_layers: list[int] | float | None = None,
+    kl_threshold: float = 0.1,
+    alphas: list[float] | None = None,
+    max_harmless_refusal: float = 0.05,
+    chat_template: str | None = None,
+    system_prompt: str | None = None,
+    dtype: str = "float32",
+    batch_size: int = 32,
+    force: bool = False,
+    loaded=None,
+) -> Path:
+    """Choose a direction with COSMIC (or the refusal-score baseline) and write the run folder ``out``.
+
+    ``loaded`` reuses a ``load(...)`` result. Returns ``out``; its ``selection.json`` holds every
+    candidate's scores and its ``direction.safetensors`` the artifact ``bake`` reads.
+    """
+    from cosmic_bake.outputs import check_target
+    from cosmic_bake.run_select import run_select
+
+    out = Path(out)
+    check_target(out, force=force)
+    if alphas and mode != "affine":
+        raise CosmicBakeError("--alphas applies to --mode affine", "drop --alphas, or select with --mode affine")
+    sets = prompt_sets(harmful, harmless, harmful_val, harmless_val, column, limit, limit_val)
+    lm, arch, fmt = loaded or load(model, dtype, chat_template, system_prompt)
+    run_select(
+        lm,
+        arch,
+        fmt,
+        sets,
+        out,
+        mode=mode,
+        selector=selector,
+        batch_size=batch_size,
+        kl_threshold=kl_threshold,
+        force=force,
+        alphas=alphas,
+        max_harmless_refusal=max_harmless_refusal,
+        eval_layers=eval_layers,
+        direction_method=direction_method,
+        settings={
+            "chat_template": chat_template,
+            "system_prompt": system_prompt,
+            "dtype": dtype,
+            "harmful": harmful,
+            "harmless": harmless,
+            "harmful_val": harmful_val,
+            "harmless_val": harmless_val,
+            "column": column,
+            "limit": limit,
+            "limit_val": limit_val,
+            "alphas": alphas,
+            "max_harmless_refusal": max_harmless_refusal,
+            "direction_method": direction_method,
+            "eval_layers": eval_layers,
+        },
+    )
+    return out
+
+
+def bake(model: str, direction: str | Path, out: str | Path, *, format: str = "hf", **options):  # noqa: A002
+    """Bake ``direction`` (a run folder) into ``model``; write a folder (``hf``) or a ``.gguf`` file.
+
+    ``options`` are the bake command's: ``embeddings``, ``force``, ``allow_mismatch``, ``mode``,
+    ``alpha``, and ``max_shard_size`` (hf) or ``outtype``, ``edited_type``, ``edited_type_always``
+    (gguf). Returns the :class:`~cosmic_bake.bake.BakeReport` (hf) or the GGUF bake's record.
+    """
+    if format == "gguf":
+        from cosmic_bake.export_gguf import bake_to_gguf
+
+        return bake_to_gguf(model, Path(direction), Path(out), **options)
+    if format != "hf":
+        raise CosmicBakeError(f"unknown format '{format}'", "use hf or gguf")
+    from cosmic_bake.bake import bake_folder
+    from cosmic_bake.model.loading import source_folder
+
+    source, folder = source_folder(model)
+    return bake_folder(folder, direction, out, source=source, **options)
+
+
+def verify_prompts(prompts: str | None = None, column: str | None = None, limit: int | None = None) -> list[str]:
+    """A prompt file (first ``limit``), or the first 16 harmless and 16 harmful built-in prompts."""
+    from cosmic_bake.prompts import load_prompts
+
+    if prompts is not None:
+        return load_prompts(prompts, column, limit=limit)
+    n = limit or VERIFY_DEFAULT_LIMIT
+    return [p for name in VERIFY_DEFAULT_SETS for p in load_prompts(name, limit=n)]
+
+
+def verify(
+    original: str,
+    baked: str | Path,
+    direction: str | Path,
+    *,
+    prompts: str | None = None,
+    column: str | None = None,
+    limit: int | None = None,
+    chat_template: str | None = None,
+    system_prompt: str | None = None,
+    dtype: str = "float32",
+    batch_size: int = 8,
+):
+    """Compare ``baked`` (a folder, or a .gguf run in llama.cpp) with ``original`` + the hook it equals.
+
+    The hook is that of the mode and alpha recorded in the baked output. Returns a
+    :class:`~cosmic_bake.verify.VerifyReport` (``.passed``, KL and logit figures).
+    """
+    from cosmic_bake.artifacts import Direction
+    from cosmic_bake.verify import baked_settings
+    from cosmic_bake.verify import verify as verify_models
+
+    d = Direction.load(direction)
+    settings = baked_settings(str(baked))
+    if settings is not None:
+        d = d.with_mode(*settings)
+    texts = verify_prompts(prompts, column, limit)
+    a, arch, fmt = load(original, dtype, chat_template, system_prompt)
+    baked = Path(baked)
+    if baked.is_dir() and (baked / "adapter_config.json").is_file():  # a LoRA folder: base + PEFT adapter
+        from peft import PeftModel
+
+        from cosmic_bake.model.loading import load_model
+
+        adapted = PeftModel.from_pretrained(load_model(original, dtype=dtype).model, str(baked)).eval()
+        return verify_models(a.model, arch, adapted, d, texts, fmt, batch_size)
+    if baked.suffix.lower() == ".gguf":
+        if _is_adapter(baked):  # llama.cpp LoRA on the base GGUF
+            if a.source.kind != "gguf":
+                raise CosmicBakeError(
+                    f"{baked.name} is a llama.cpp LoRA adapter; it needs a GGUF base",
+                    "pass the base model's .gguf file as ORIGINAL",
+                )
+            return _verify_gguf(a, arch, a.source.path, d, texts, fmt, lora=baked)
+        return _verify_gguf(a, arch, baked, d, texts, fmt)
+    from cosmic_bake.model.loading import load_model
+
+    b = load_model(str(baked), dtype=dtype)
+    return verify_models(a.model, arch, b.model, d, texts, fmt, batch_size)
+
+
+def _is_adapter(path: Path) -> bool:
+    from cosmic_bake.export.gguf_io import field_value, open_gguf
+
+    return field_value(open_gguf(path), "general.type") == "adapter"
+
+
+def _verify_gguf(a, arch, baked: Path, direction, prompts: list[str], fmt, lora: Path | None = None):
+    """Run the baked GGUF in llama.cpp; also the source GGUF (runtime floor) when the original is one."""
+    from cosmic_bake.model.llamacpp import LlamaCppModel
+    from cosmic_bake.verify import verify_gguf
+
+    longest = max(int(fmt.encode([p])["input_ids"].shape[1]) for p in prompts)
+    n_ctx = max(64, longest + 8)
+    model = LlamaCppModel(baked, n_ctx=n_ctx, all_logits=True, lora=lora)
+    source = LlamaCppModel(a.source.path, n_ctx=n_ctx, all_logits=True) if a.source.kind == "gguf" else None
+    return verify_gguf(a.model, arch, model, direction, prompts, fmt, source=source)
+
+
+def export_lora(
+    model: str,
+    direction: str | Path,
+    out: str | Path,
+    *,
+    gguf: bool = True,
+    force: bool = False,
+    allow_mismatch: bool = False,
+) -> dict:
+    """Write the removal edit as LoRA adapters: a PEFT folder (and ``adapter.gguf`` for llama.cpp).
+
+    The base stays as it is: load it and apply the adapter (``PeftModel.from_pretrained``, or
+    llama.cpp ``--lora OUT/adapter.gguf`` on the base GGUF). Returns what was written, with sizes.
+    """
+    import torch
+
+    from cosmic_bake.artifacts import Direction
+    from cosmic_bake.bake import _check_direction
+    from cosmic_bake.export import lora
+    from cosmic_bake.export.card import lora_card
+    from cosmic_bake.outputs import atomic_dir, manifest, source_record
+    from cosmic_bake.run_select import model_hash
+
+    out = Path(out)
+    d = Direction.load(direction)
+    if d.mode != "ablate":
+        raise CosmicBakeError(
+            f"a LoRA carries linear removal only, not the '{d.mode}' edit's constant",
+            "bake the full model (--format hf or gguf) for add / affine",
+        )
+    from cosmic_bake.outputs import check_target
+
+    check_target(out, force=force)
+    lm, arch, _ = load(model)
+    src = source_record(lm.source)
+    _check_direction(d, arch.d_model, model_hash(src), allow_mismatch)
+    with torch.no_grad():
+        factors = lora.removal_factors(arch, d.direction)
+    base_model = lm.source.hub_id or lm.source.spec
+    written: dict[str, int] = {}
+    warnings = []
+    if gguf and arch.tied:
+        # llama.cpp looks adapters up by tensor name, and a tied head *is* token_embd.weight: the
+        # embedding adapter would be applied to the output head too (it aborts on the shapes).
+        gguf = False
+        warnings.append(
+            "no llama.cpp adapter: the model ties its output head to the token embedding, which a llama.cpp "
+            "LoRA cannot edit separately; bake a GGUF instead (--format gguf)"
+        )
+    with atomic_dir(out, force=force) as tmp:
+        lora.write_peft(factors, tmp, base_model)
+        if gguf:
+            gguf_arch = _gguf_architecture(lm.source, arch.model_type)
+            lora.write_gguf_adapter(
+                factors,
+                tmp / lora.GGUF_ADAPTER,
+                gguf_arch,
+                {"cosmic_bake.direction_sha256": d.digest, "cosmic_bake.layer": d.layer, "cosmic_bake.mode": "ablate"},
+            )
+        (tmp / "README.md").write_text(lora_card(base_model, d, len(factors), gguf), encoding="utf-8")
+        written = {p.name: p.stat().st_size for p in tmp.iterdir()}
+        manifest(tmp, stage="bake-lora", source=src, extra={"direction": d.record(), "modules": len(factors)})
+    return {"out": str(out), "modules": len(factors), "bytes": written, "tied": arch.tied, "warnings": warnings}
+
+
+def _gguf_architecture(source, model_type: str) -> str:
+    """llama.cpp's architecture name for the base: the GGUF's own, or the converter's mapping."""
+    if source.kind == "gguf":
+        from cosmic_bake.export.gguf_io import architecture, open_gguf
+
+        return architecture(open_gguf(source.path))
+    from cosmic_bake.export.gguf_convert import SUPPORTED_MODEL_TYPES
+
+    if model_type not in SUPPORTED_MODEL_TYPES:
+        raise CosmicBakeError(f"no llama.cpp architecture known for '{model_type}'", "pass --no-gguf-adapter")
+    return SUPPORTED_MODEL_TYPES[model_type]

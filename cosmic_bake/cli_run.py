@@ -1,0 +1,54 @@
+"""``run`` command: one recipe from model to verified, evaluated exports (see run_recipe.py)."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import click
+
+
+@click.command("run")
+@click.argument("recipe_file", type=click.Path(path_type=Path))
+@click.option(
+    "-o",
+    "--output",
+    "out",
+    default=None,
+    type=click.Path(path_type=Path),
+    help="Run folder (default: the recipe's output, else runs/RECIPE_NAME).",
+)
+@click.option("--model", default=None, help="Use this model instead of the recipe's.")
+@click.option(
+    "--set", "overrides", multiple=True, help="Override a recipe key, e.g. --set select.limit=32 (repeatable)."
+)
+@click.option("--fresh", is_flag=True, help="Run every step again even when its inputs are unchanged.")
+def run_cmd(recipe_file, out, model, overrides, fresh) -> None:
+    """Select, bake, export, verify and evaluate as RECIPE_FILE says; resumable."""
+    from cosmic_bake.cli import cli
+    from cosmic_bake.export.card import CARD_FILE, card_with_results
+    from cosmic_bake.outputs import manifest, write_json
+    from cosmic_bake.recipe import load_recipe
+    from cosmic_bake.run_recipe import execute, exit_code, invoke_cli, plan_steps, summarize, summary_markdown
+
+    recipe = load_recipe(recipe_file, [*overrides, *([f'model="{model}"'] if model else [])])
+    out = (out or Path(recipe.output or Path("runs") / Path(recipe_file).stem)).resolve()
+    commands = {name: cli.commands[name] for name in ("select", "bake", "verify", "eval")}
+    steps = plan_steps(recipe, out, commands)
+    click.echo(f"run {recipe_file} -> {out} ({len(steps)} steps, model {recipe.model})")
+    results = execute(recipe, steps, out, invoke_cli, fresh=fresh)
+    summary = summarize(out, results)
+    text = summary_markdown(recipe, summary)
+    (out / "summary.md").write_text(text, encoding="utf-8")
+    write_json(out / "summary.json", summary)
+    card = out / "model" / CARD_FILE
+    if card.is_file():
+        (out / "card.md").write_text(card_with_results(card.read_text(encoding="utf-8"), summary["rows"]))
+    manifest(
+        out,
+        stage="run",
+        source={"spec": recipe.model},
+        extra={"recipe": recipe.source, "overrides": list(overrides), "steps": [s.__dict__ for s in results]},
+    )
+    click.echo("\n" + text)
+    sys.exit(exit_code(results))

@@ -1,0 +1,137 @@
+"""A removal edit as LoRA adapters: a PEFT folder for transformers and a GGUF adapter for llama.cpp.
+
+Removing ``u`` from a writer, ``W' = W - u (u^T W)``, is a rank-1 update ``W + B A`` with
+``B = -u`` (``[d, 1]``) and ``A = u^T W`` (``[1, in]``); for the token embedding,
+``E' = E - (E r) r^T`` is ``B = -r`` and ``A = (E r)^T`` (one number per token). LoRA scaling is
+``alpha / rank = 1``. So the edit ships as a few megabytes beside an unchanged base, and llama.cpp
+applies it to an existing, even quantized, GGUF (``--lora``). ``A`` is computed from the base's
+own weights (the dequantized GGUF for a GGUF base), so base + adapter equals the baked weights up
+to the base's rounding.
+
+What a LoRA cannot carry is refused: constants (``add`` / ``affine`` modes), writer biases, and
+fused expert tensors. Models with post-writer norms use ``u = unit(g * r)`` as baking does.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from cosmic_bake.errors import CosmicBakeError
+from cosmic_bake.math.projections import unit
+from cosmic_bake.model.architecture import Architecture
+from cosmic_bake.model.hooks import writer_directions
+
+ADAPTER_CONFIG = "adapter_config.json"
+ADAPTER_WEIGHTS = "adapter_model.safetensors"
+GGUF_ADAPTER = "adapter.gguf"
+_GGUF_WRITER = {"attn": "attn_output", "mlp": "ffn_down"}
+
+
+@dataclass
+class LoraFactor:
+    """``W + B A`` for one module: PEFT module name, GGUF base tensor name, the two factors (float64)."""
+
+    module: str
+    gguf_tensor: str
+    a: torch.Tensor  # [1, in] for a Linear, [1, vocab] for the embedding
+    b: torch.Tensor  # [d, 1]
+    embedding: bool = False
+
+
+def removal_factors(arch: Architecture, r: torch.Tensor) -> list[LoraFactor]:
+    """The rank-1 factors of linear removal for the embedding and every attention / MLP writer."""
+    r_hat = unit(r.detach().double())
+    factors = []
+    for b, (u_attn, u_mlp) in zip(arch.blocks, writer_directions(arch, r_hat)):
+        for part, writers, u in (("attn", b.attn_writers, u_attn), ("mlp", b.mlp_writers, u_mlp)):
+            if len(writers) != 1 or writers[0].param != "weight" or writers[0].weight.dim() != 2:
+                raise CosmicBakeError(
+                    f"block {b.index}'s {part} writes through fused expert tensors, which PEFT cannot adapt",
+                    "bake the full model (--format hf or gguf) instead of --format lora",
+                )
+            w = writers[0]
+            bias = getattr(w.module, w.bias) if w.bias else None
+            if bias is not None and float(bias.detach().double() @ u) != 0.0:
+                raise CosmicBakeError(
+                    f"{w.name} has a bias with a component along the direction; a LoRA cannot change biases",
+                    "bake the full model (--format hf or gguf) instead of --format lora",
+                )
+            weight = w.weight.detach().double()
+            factors.append(
+                LoraFactor(
+                    arch.name_of(w.module),
+                    f"blk.{b.index}.{_GGUF_WRITER[part]}.weight",
+                    (u @ weight).unsqueeze(0),
+                    -u.unsqueeze(1),
+                )
+            )
+    emb = arch.embed.weight.detach().double()
+    factors.insert(
+        0,
+        LoraFactor(
+            arch.name_of(arch.embed), "token_embd.weight", (emb @ r_hat).unsqueeze(0), -r_hat.unsqueeze(1), True
+        ),
+    )
+    return factors
+
+
+def write_peft(factors: list[LoraFactor], out: Path, base_model: str, dtype: torch.dtype = torch.float32) -> None:
+    """``adapter_config.json`` + ``adapter_model.safetensors`` that ``PeftModel.from_pretrained`` loads."""
+    from safetensors.torch import save_file
+
+    tensors = {}
+    for f in factors:
+        key = f"base_model.model.{f.module}"
+        if f.embedding:  # PEFT's embedding LoRA: delta rows = A^T[token] @ B^T
+            tensors[f"{key}.lora_embedding_A"] = f.a.to(dtype).contiguous()
+            tensors[f"{key}.lora_embedding_B"] = f.b.to(dtype).contiguous()
+        else:
+            tensors[f"{key}.lora_A.weight"] = f.a.to(dtype).contiguous()
+            tensors[f"{key}.lora_B.weight"] = f.b.to(dtype).contiguous()
+    save_file(tensors, str(out / ADAPTER_WEIGHTS), metadata={"format": "pt"})
+    config = {
+        "peft_type": "LORA",
+        "task_type": "CAUSAL_LM",
+        "base_model_name_or_path": base_model,
+        "r": 1,
+        "lora_alpha": 1,
+        "lora_dropout": 0.0,
+        "bias": "none",
+        "fan_in_fan_out": False,
+        "inference_mode": True,
+        "use_rslora": False,
+        "use_dora": False,
+        "target_modules": sorted(f.module for f in factors),
+    }
+    (out / ADAPTER_CONFIG).write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
+
+
+def write_gguf_adapter(factors: list[LoraFactor], path: Path, arch_name: str, metadata: dict) -> None:
+    """A llama.cpp LoRA adapter (``general.type = adapter``) for a base of architecture ``arch_name``.
+
+    llama.cpp names each pair after the base tensor (``blk.N.attn_output.weight.lora_a``) and wants
+    ``lora_a`` ``[rank, in]`` and ``lora_b`` ``[out, rank]`` (numpy order); for ``token_embd`` the
+    two are flipped (``lora_a`` ``[vocab, rank]``, ``lora_b`` ``[d, rank]``) because it looks rows
+    of ``lora_a`` up by token.
+    """
+    import gguf
+
+    from cosmic_bake.export.gguf_io import add_metadata
+
+    writer = gguf.GGUFWriter(path=None, arch=arch_name)
+    writer.add_type(gguf.GGUFType.ADAPTER)
+    writer.add_string(gguf.Keys.Adapter.TYPE, "lora")
+    writer.add_float32(gguf.Keys.Adapter.LORA_ALPHA, 1.0)
+    add_metadata(writer, metadata)
+    for f in factors:
+        a = f.a.t() if f.embedding else f.a
+        writer.add_tensor(f"{f.gguf_tensor}.lora_a", a.float().contiguous().numpy())
+        writer.add_tensor(f"{f.gguf_tensor}.lora_b", f.b.float().contiguous().numpy())
+    writer.write_header_to_file(path=path)
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()

@@ -1,0 +1,189 @@
+"""Recipes: one TOML file that says how to select, bake, export, verify and evaluate a model.
+
+A recipe names the model and, per step, the options of that step's command, spelled as on the
+command line without the dashes (``limit_val = 16`` is ``--limit-val 16``). So every option a
+command has can be set in a recipe, and nothing has two names. ``cosmic-bake run`` merges three
+layers, later ones winning: the command's defaults, the recipe, and ``--set step.key=value``
+overrides on its command line (heretic's layered config, in TOML).
+
+    model = "builtin:smollm2-135m-instruct"
+    goal = "remove refusals"
+
+    [common]              # passed to every step whose command has the option
+    dtype = "float32"
+
+    [select]
+    limit = 64
+
+    [bake]
+    formats = ["hf", "gguf"]   # run's own keys: which exports to make
+    gguf_outtypes = ["q8_0"]   # one GGUF per type ("source": keep a GGUF source's types)
+
+    [verify]
+    limit = 8
+
+    [eval]
+    baseline = true            # also evaluate the unedited model
+    limit_harmless = 32
+
+Keys the run itself manages (outputs, the direction, ``--force``) are refused with a clear error.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import click
+
+from cosmic_bake.errors import CosmicBakeError
+
+STEPS = ("select", "bake", "verify", "eval")
+RUN_KEYS = {  # keys a step section may hold that are the run's, not the command's
+    "bake": {"formats", "gguf_outtypes"},
+    "eval": {"baseline", "targets"},
+    "verify": {"targets"},
+}
+MANAGED = {"output", "out", "direction", "run_dir", "force", "kl_against"}
+TOP_KEYS = {"model", "goal", "description", "output", "common", *STEPS}
+FORMATS = ("hf", "gguf")
+
+
+@dataclass
+class Recipe:
+    """A parsed, merged recipe: the model and the options of each step (by option name)."""
+
+    model: str
+    goal: str
+    description: str
+    output: str | None
+    steps: dict[str, dict[str, Any]]
+    common: dict[str, Any] = field(default_factory=dict)
+    source: str = ""
+
+    def run_option(self, step: str, key: str, default: Any) -> Any:
+        return self.steps.get(step, {}).get(key, default)
+
+    @property
+    def formats(self) -> list[str]:
+        formats = list(self.run_option("bake", "formats", ["hf"]))
+        bad = [f for f in formats if f not in FORMATS]
+        if bad or not formats:
+            raise CosmicBakeError(f"recipe bake.formats {formats} is not a list of hf / gguf", 'e.g. ["hf", "gguf"]')
+        return formats
+
+
+def _key(name: str) -> str:
+    return name.strip().lstrip("-").replace("-", "_")
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """``select.limit=32`` -> (["select", "limit"], 32); the value is read as TOML, else as a string."""
+    if "=" not in text:
+        raise CosmicBakeError(f"--set '{text}' is not KEY=VALUE", "e.g. --set select.limit=32")
+    key, raw = text.split("=", 1)
+    try:
+        value = tomllib.loads(f"v = {raw}")["v"]
+    except tomllib.TOMLDecodeError:
+        value = raw
+    return [_key(k) for k in key.split(".")], value
+
+
+def load_recipe(path: str | Path, overrides: list[str] = ()) -> Recipe:
+    """Read a recipe file, apply ``--set`` overrides, and check every key against the steps."""
+    path = Path(path)
+    if not path.is_file():
+        raise CosmicBakeError(f"recipe {path} not found", "pass a .toml file (see recipes/)")
+    try:
+        data = tomllib.loads(path.read_text(encoding="utf-8"))
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as err:
+        raise CosmicBakeError(f"recipe {path} is not valid TOML ({err})", "fix the file") from None
+    for text in overrides:
+        keys, value = parse_override(text)
+        node = data
+        for k in keys[:-1]:
+            node = node.setdefault(k, {})
+            if not isinstance(node, dict):
+                raise CosmicBakeError(f"--set '{text}': '{k}' is not a section", "set a key inside a section")
+        node[keys[-1]] = value
+    unknown = sorted(set(data) - TOP_KEYS)
+    if unknown:
+        raise CosmicBakeError(
+            f"recipe {path.name}: unknown key(s) {', '.join(unknown)}",
+            f"top-level keys are {', '.join(sorted(TOP_KEYS))}",
+        )
+    if "model" not in data:
+        raise CosmicBakeError(
+            f"recipe {path.name} names no model", 'add model = "HUB_ID | FOLDER | FILE.gguf | builtin:NAME"'
+        )
+    steps = {s: {_key(k): v for k, v in (data.get(s) or {}).items()} for s in STEPS}
+    return Recipe(
+        model=str(data["model"]),
+        goal=str(data.get("goal", "")),
+        description=str(data.get("description", "")),
+        output=data.get("output"),
+        steps=steps,
+        common={_key(k): v for k, v in (data.get("common") or {}).items()},
+        source=str(path),
+    )
+
+
+def _option_table(command: click.Command) -> dict[str, click.Option]:
+    """Option key (``limit_val``) -> click option, for every ``--long`` option of ``command``."""
+    table = {}
+    for p in command.params:
+        if isinstance(p, click.Option):
+            for opt in p.opts:
+                if opt.startswith("--"):
+                    table[_key(opt)] = p
+    return table
+
+
+def command_args(step: str, command: click.Command, options: dict[str, Any], common: dict[str, Any]) -> list[str]:
+    """Turn a step's recipe options (plus the common ones it accepts) into the command's argv."""
+    table = _option_table(command)
+    args: list[str] = []
+    merged = {k: v for k, v in common.items() if k in table}
+    for k, v in options.items():
+        if k in RUN_KEYS.get(step, set()):
+            continue
+        if k in MANAGED:
+            raise CosmicBakeError(f"recipe [{step}] sets '{k}', which the run manages", f"remove '{k}' from [{step}]")
+        if k not in table:
+            known = ", ".join(sorted(set(table) - MANAGED))
+            raise CosmicBakeError(f"recipe [{step}] has no option '{k}'", f"options of {command.name}: {known}")
+        merged[k] = v
+    for k, v in merged.items():
+        opt = table[k]
+        flag = next(o for o in opt.opts if o.startswith("--"))
+        if opt.is_flag:
+            if v:
+                args.append(flag)
+        elif isinstance(v, list):
+            args += [flag, ",".join(str(x) for x in v)]
+        elif v is not None:
+            args += [flag, str(v)]
+    return args
+
+
+def stamp(inputs: dict) -> str:
+    """The digest that decides whether a finished step can be reused: its inputs, canonical JSON."""
+    return hashlib.sha256(json.dumps(inputs, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def model_identity(spec: str) -> dict:
+    """What names a model's content cheaply: size and mtime of local files (Hub ids and builtins by name)."""
+    path = Path(spec).expanduser()
+    if path.is_file():
+        st = path.stat()
+        return {"spec": spec, "size": st.st_size, "mtime": st.st_mtime_ns}
+    if path.is_dir():
+        return {
+            "spec": spec,
+            "files": {p.name: [p.stat().st_size, p.stat().st_mtime_ns] for p in sorted(path.iterdir()) if p.is_file()},
+        }
+    return {"spec": spec}
