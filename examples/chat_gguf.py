@@ -8,7 +8,8 @@ Also prints the cosmic-bake provenance the GGUF carries (direction hash, layer, 
 import argparse
 
 from gguf import GGUFReader
-from llama_cpp import Llama
+
+from cosmic_bake.model.llamacpp import open_llama  # llama_cpp.Llama, safe on CPUs with Intel AMX
 
 parser = argparse.ArgumentParser()
 parser.add_argument("gguf")
@@ -21,7 +22,7 @@ for name, field in reader.fields.items():
     if name.startswith("cosmic_bake."):
         print(f"{name} = {field.contents()}")
 
-llm = Llama(model_path=args.gguf, n_ctx=512, verbose=False)
+llm = open_llama(args.gguf, n_ctx=512, verbose=False)
 reply = llm.create_chat_completion(
     messages=[{"role": "user", "content": args.message}], max_tokens=args.max_tokens, temperature=0.0
 )

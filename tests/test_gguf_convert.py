@@ -29,6 +29,7 @@ import cosmic_bake.export.gguf_convert as gc_mod
 import cosmic_bake.export.gguf_vocab as gguf_vocab
 from cosmic_bake.errors import CosmicBakeError
 from cosmic_bake.export.gguf_convert import SUPPORTED_MODEL_TYPES, ConvertReport, convert_folder
+from cosmic_bake.model.llamacpp import open_llama
 
 llama_cpp = pytest.importorskip("llama_cpp")
 
@@ -53,8 +54,8 @@ def chat_ids(folder: Path) -> tuple[str, list[int]]:
 
 
 def load_llama(path: Path, n_ctx: int = 128):
-    return llama_cpp.Llama(
-        model_path=str(path),
+    return open_llama(
+        path,
         logits_all=True,
         n_ctx=n_ctx,
         verbose=False,

@@ -12,6 +12,7 @@ Two uses:
 from __future__ import annotations
 
 import os
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -19,6 +20,45 @@ import numpy as np
 from cosmic_bake.errors import CosmicBakeError, first_line
 
 GGML_F32 = 0  # ggml_type of float32 (KV cache type)
+_LOAD_LOCK = threading.Lock()
+
+
+def has_amx() -> bool:
+    """Whether this llama.cpp build runs Intel AMX kernels (``AMX_INT8 = 1`` in its system info)."""
+    import llama_cpp
+
+    return "AMX_INT8 = 1" in llama_cpp.llama_print_system_info().decode("utf-8", "replace")
+
+
+def open_llama(path: str | os.PathLike, **kwargs):
+    """``llama_cpp.Llama(model_path=path, **kwargs)``, safe on CPUs with Intel AMX.
+
+    llama.cpp's AMX weight buffers crash (SIGSEGV in ``ggml_backend_amx_mul_mat``) or compute
+    garbage on Q4_0 / Q4_1 / K-quant files (upstream issues 20824 and PR 16315), and the PyPI build
+    of llama-cpp-python enables AMX wherever the compiling CPU has it. On such a build the model is
+    loaded with ``use_extra_bufts = false``: weights stay in plain CPU buffers and run through the
+    ordinary AVX-512 kernels. ``Llama`` has no argument for that field, so its default-parameters
+    function is swapped for the duration of the load (under a lock: the swap is process-wide).
+    Elsewhere this is exactly ``llama_cpp.Llama``.
+    """
+    import llama_cpp
+    import llama_cpp.llama_cpp as capi
+
+    if not has_amx():
+        return llama_cpp.Llama(model_path=str(path), **kwargs)
+    default = capi.llama_model_default_params
+
+    def without_extra_buffers():
+        params = default()
+        params.use_extra_bufts = False
+        return params
+
+    with _LOAD_LOCK:
+        capi.llama_model_default_params = without_extra_buffers
+        try:
+            return llama_cpp.Llama(model_path=str(path), **kwargs)
+        finally:
+            capi.llama_model_default_params = default
 
 
 def _threads() -> int:
@@ -47,8 +87,8 @@ class LlamaCppModel:
         # it twice costs seconds on a 150k-token vocabulary), and a truncated file fails below.
         path = check_magic(path)
         try:
-            self.llm = llama_cpp.Llama(
-                model_path=str(path),
+            self.llm = open_llama(
+                path,
                 n_ctx=n_ctx,
                 n_batch=n_ctx,
                 n_ubatch=min(n_ctx, 512),
