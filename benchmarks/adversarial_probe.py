@@ -1,0 +1,67 @@
+"""Which candidate directions, removed, restore compliance under an adversarial system prompt?
+
+A diagnostic for the paper's "complete refusal" setting (issue 7): it collects the difference-in-
+means candidates under the system prompt and, for every position and every second layer, counts
+the harmless prompts still refused while that candidate is removed (greedy, few tokens). It reads
+output text, so it is a yardstick for selectors, never one of them.
+
+    python benchmarks/adversarial_probe.py --system-prompt preset:refuse-all --limit 64 -o probe.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+
+from cosmic_bake import api
+from cosmic_bake.evaluate import generate, is_refusal
+from cosmic_bake.model.hooks import Intervention, intervene
+from cosmic_bake.prompts import load_prompts
+from cosmic_bake.select import Batches, collect_candidates
+
+DATA = "../shared/data"
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--model", default="builtin:qwen2.5-coder-0.5b-instruct")
+    ap.add_argument("--system-prompt", default="preset:refuse-all")
+    ap.add_argument("--limit", type=int, default=64, help="training prompts per set")
+    ap.add_argument("--n-eval", type=int, default=12, help="harmless prompts (first of harmless_val)")
+    ap.add_argument("--tokens", type=int, default=16)
+    ap.add_argument("--layers", default="6:22:2", help="start:stop:step")
+    ap.add_argument("-o", "--output", default="adversarial_probe.json")
+    args = ap.parse_args()
+
+    from cosmic_bake.model.chat import read_system_prompt
+
+    lm, arch, fmt = api.load(args.model, system_prompt=read_system_prompt(args.system_prompt))
+    harmless = load_prompts(f"{DATA}/harmless_val.json")[: args.n_eval]
+
+    def refused(iv: Intervention | None) -> int:
+        with intervene(arch, *([iv] if iv else [])):
+            out = generate(lm.model, fmt, harmless, max_new_tokens=args.tokens, batch_size=len(harmless))
+        return sum(is_refusal(r) for r in out.responses)
+
+    t = time.perf_counter()
+    result = {"system_prompt": args.system_prompt, "n_eval": len(harmless), "unedited": refused(None)}
+    hf = load_prompts(f"{DATA}/harmful_train.json")[: args.limit]
+    hl = load_prompts(f"{DATA}/harmless_train.json")[: args.limit]
+    cands = collect_candidates(lm.model, arch, fmt, Batches.make(fmt, hf, 32), Batches.make(fmt, hl, 32))
+    start, stop, step = (int(v) for v in args.layers.split(":"))
+    P = cands.n_positions
+    result["removed"] = {}
+    for i in range(P):
+        for layer in range(start, min(stop, arch.n_layers), step):
+            r = cands.directions[i, layer]
+            if float(r.norm()) > 0:
+                n = result["removed"][f"{i - P},{layer}"] = refused(Intervention.remove(r))
+                print(f"({i - P}, {layer}): {n}/{len(harmless)} refused", flush=True)
+    result["seconds"] = time.perf_counter() - t
+    with open(args.output, "w", encoding="utf-8") as fh:
+        json.dump(result, fh, indent=1)
+
+
+if __name__ == "__main__":
+    main()
