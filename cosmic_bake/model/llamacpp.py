@@ -37,7 +37,7 @@ def open_llama(path: str | os.PathLike, **kwargs):
     garbage on Q4_0 / Q4_1 / K-quant files (upstream issues 20824 and PR 16315), and the PyPI build
     of llama-cpp-python enables AMX wherever the compiling CPU has it. On such a build the model is
     loaded with ``use_extra_bufts = false``: weights stay in plain CPU buffers and run through the
-    ordinary AVX-512 kernels. ``Llama`` has no argument for that field, so its default-parameters
+    ordinary CPU kernels. ``Llama`` has no argument for that field, so its default-parameters
     function is swapped for the duration of the load (under a lock: the swap is process-wide).
     Elsewhere this is exactly ``llama_cpp.Llama``.
     """
