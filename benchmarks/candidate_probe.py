@@ -21,6 +21,7 @@ import time
 
 from cosmic_bake import api
 from cosmic_bake.evaluate import generate, is_refusal
+from cosmic_bake.model.chat import read_system_prompt
 from cosmic_bake.model.hooks import Intervention, intervene
 from cosmic_bake.prompts import load_prompts
 from cosmic_bake.select import Batches, collect_candidates
@@ -40,8 +41,6 @@ def main() -> None:
     ap.add_argument("--layers", default="6:22:2", help="start:stop:step")
     ap.add_argument("-o", "--output", default="candidate_probe.json")
     args = ap.parse_args()
-
-    from cosmic_bake.model.chat import read_system_prompt
 
     lm, arch, fmt = api.load(args.model, system_prompt=read_system_prompt(args.system_prompt))
     print(f"unedited first, then {args.edit} of each candidate", flush=True)

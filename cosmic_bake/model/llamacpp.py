@@ -11,6 +11,7 @@ Two uses:
 
 from __future__ import annotations
 
+import functools
 import os
 import threading
 from pathlib import Path
@@ -23,8 +24,9 @@ GGML_F32 = 0  # ggml_type of float32 (KV cache type)
 _LOAD_LOCK = threading.Lock()
 
 
+@functools.cache
 def has_amx() -> bool:
-    """Whether this llama.cpp build runs Intel AMX kernels (``AMX_INT8 = 1`` in its system info)."""
+    """Whether this llama.cpp build runs Intel AMX kernels (``AMX_INT8 = 1`` in its system info; asked once)."""
     import llama_cpp
 
     return "AMX_INT8 = 1" in llama_cpp.llama_print_system_info().decode("utf-8", "replace")
