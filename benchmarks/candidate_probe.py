@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import json
 import time
+from pathlib import Path
 
 from cosmic_bake import api
 from cosmic_bake.evaluate import generate, is_refusal
@@ -26,7 +27,7 @@ from cosmic_bake.model.hooks import Intervention, intervene
 from cosmic_bake.prompts import load_prompts
 from cosmic_bake.select import Batches, collect_candidates
 
-DATA = "../shared/data"
+DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"  # as reference_cosmic.py finds shared/
 
 
 def main() -> None:

@@ -249,8 +249,9 @@ def test_four_bit_gguf_runs_in_llama_cpp_and_verifies(outtype, tiny_model_factor
     out = tmp_path / f"m-{outtype}.gguf"
     bake_to_gguf(str(folder), run, out, outtype=outtype)
     report = tmp_path / "verify.json"
-    cmd = [sys.executable, "-m", "cosmic_bake.cli", "verify", str(folder), str(out), "--direction", str(run)]
-    done = subprocess.run([*cmd, "--limit", "2", "-o", str(report)], capture_output=True, text=True, timeout=600)
+    cmd = [sys.executable, "-m", "cosmic_bake.cli", "verify", str(folder), str(out)]
+    cmd += ["--direction", str(run), "--limit", "2", "-o", str(report)]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
     assert done.returncode in (0, 1), f"exit {done.returncode}: {done.stdout[-1500:]} {done.stderr[-1500:]}"
     result = json.loads(report.read_text())
     assert result["runtime"] == "llama.cpp" and result["weight_type"] == "4-bit"
