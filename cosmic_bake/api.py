@@ -216,12 +216,13 @@ def verify(
                     f"{baked.name} is a llama.cpp LoRA adapter; it needs a GGUF base",
                     "pass the base model's .gguf file as ORIGINAL",
                 )
-            return _verify_gguf(a, arch, a.source.path, d, texts, fmt, lora=baked)
-        return _verify_gguf(a, arch, baked, d, texts, fmt)
+            return _verify_gguf(a, arch, a.source.path, d, texts, fmt, original, lora=baked)
+        return _verify_gguf(a, arch, baked, d, texts, fmt, original)
     from cosmic_bake.model.loading import load_model
+    from cosmic_bake.verify import stored_dtype
 
     b = load_model(str(baked), dtype=dtype)
-    return verify_models(a.model, arch, b.model, d, texts, fmt, batch_size)
+    return verify_models(a.model, arch, b.model, d, texts, fmt, batch_size, stored=stored_dtype(baked))
 
 
 def _is_adapter(path: Path) -> bool:
@@ -230,16 +231,25 @@ def _is_adapter(path: Path) -> bool:
     return field_value(open_gguf(path), "general.type") == "adapter"
 
 
-def _verify_gguf(a, arch, baked: Path, direction, prompts: list[str], fmt, lora: Path | None = None):
-    """Run the baked GGUF in llama.cpp; also the source GGUF (runtime floor) when the original is one."""
+def _verify_gguf(a, arch, baked: Path, direction, prompts: list[str], fmt, original: str, lora: Path | None = None):
+    """Run the baked GGUF in llama.cpp, and the unedited model stored the same way (relative gate, floor)."""
     from cosmic_bake.model.llamacpp import LlamaCppModel
+    from cosmic_bake.unedited_reference import unedited_gguf
     from cosmic_bake.verify import verify_gguf
 
+    if lora is not None:  # the adapter on the base: the base itself is the unedited reference
+        reference, record = a.source.path, {"kind": "base GGUF without the adapter", "file": a.source.path.name}
+    else:
+        reference, record = unedited_gguf(original, a.source, baked)
     longest = max(int(fmt.encode([p])["input_ids"].shape[1]) for p in prompts)
     n_ctx = max(64, longest + 8)
     model = LlamaCppModel(baked, n_ctx=n_ctx, all_logits=True, lora=lora)
-    source = LlamaCppModel(a.source.path, n_ctx=n_ctx, all_logits=True) if a.source.kind == "gguf" else None
-    return verify_gguf(a.model, arch, model, direction, prompts, fmt, source=source)
+    unedited = LlamaCppModel(reference, n_ctx=n_ctx, all_logits=True)
+    try:
+        return verify_gguf(a.model, arch, model, direction, prompts, fmt, unedited=unedited, unedited_reference=record)
+    finally:
+        model.close()
+        unedited.close()
 
 
 def export_lora(

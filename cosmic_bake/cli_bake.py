@@ -241,6 +241,8 @@ def verify_cmd(
     if settings is not None:
         direction = direction.with_mode(*settings)
     runtime = f"{report.runtime}, {report.weight_type or report.dtype}"
+    if report.stored_dtype:
+        runtime += f", stored as {report.stored_dtype}"
     hook = {"ablate": "removal", "add": "addition", "affine": "pinned affine", "scale": "midpoint scaling"}[
         direction.mode
     ]
@@ -254,6 +256,12 @@ def verify_cmd(
         ("top-1 agreement", f"{report.top1_agreement:.4f}  (tolerance {report.top1_tolerance})"),
         ("tolerance", f"{gate} <= {report.kl_tolerance:.2g}"),
     ]
+    if report.unedited_mean_kl is not None:
+        ref = report.unedited_reference or {}
+        rows.append(
+            ("unedited", f"mean KL {report.unedited_mean_kl:.3e} ({ref.get('kind', '')} {ref.get('file', '')})")
+        )
+        rows.append(("ratio", f"{report.ratio:.4f}  (baked / unedited; at most {report.ratio_max:g})"))
     if report.runtime_floor:
         f = report.runtime_floor
         rows.append(
@@ -265,6 +273,12 @@ def verify_cmd(
         )
     rows.append(("result", "PASS" if report.passed else "FAIL"))
     _table(rows)
+    for reason in report.reasons:
+        click.echo(f"FAIL: {reason}")
+    if not report.passed and report.weight_type in ("6-bit", "5-bit", "4-bit", "lower"):
+        click.echo(
+            "hint: coarse types round part of the edit away; bake with --edited-type-always or a finer --outtype"
+        )
     if out is not None:
         out.parent.mkdir(parents=True, exist_ok=True)
         write_json(out, {"original": original, "baked": baked, "direction": str(run_dir), **report.to_dict()})

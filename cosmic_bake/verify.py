@@ -5,12 +5,17 @@ every layer, the baked one plain. At every real (non-pad) position we compare th
 distributions: max |delta logit|, mean and max KL(hook || baked) in float64, and top-1
 agreement. In float32 they must agree to float error; looser tolerances apply to half precision,
 where the baked weights are rounded to the storage type after the edit.
+
+Absolute tolerances alone cannot tell a rounded edit from no edit when the rounding of a coarse
+type is as large as the edit itself, so every report also measures the *unedited* model in the
+same runtime and type against the same hook: the baked file must be much closer to the hook than
+that (:data:`RATIO_MAX`). A file whose storage undoes much of the edit fails, as it should.
 """
 
 from __future__ import annotations
 
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 
 import torch
 
@@ -18,6 +23,13 @@ from cosmic_bake.artifacts import Direction
 from cosmic_bake.errors import CosmicBakeError
 from cosmic_bake.model.architecture import Architecture
 from cosmic_bake.model.hooks import Intervention, intervene
+
+# A baked file must be at least this much closer to the hook (in mean KL) than the unedited file of
+# the same runtime and type. For small differences KL grows with the square of the logit
+# difference, so 0.25 means: the baked file's logits sit less than half as far from the hook as
+# the unedited file's, i.e. on the edited side of the midpoint between the two models. A file
+# whose rounding undoes half the edit or more fails; correctly rounded 8-bit files measure ~0.03.
+RATIO_MAX = 0.25
 
 # dtype -> (max KL, min top-1 agreement). float32: float error only. Half precision: the baked
 # weights are rounded after the edit, so logits move by about the storage precision.
@@ -48,6 +60,12 @@ class VerifyReport:
     weight_type: str = ""
     gate: str = "max_kl"  # which KL statistic the tolerance applies to
     runtime_floor: dict | None = None  # unedited GGUF in llama.cpp vs unedited transformers
+    stored_dtype: str = ""  # transformers: the coarsest dtype the baked weights are stored in
+    unedited_mean_kl: float | None = None  # mean KL(hook || unedited model, same runtime and type)
+    ratio: float | None = None  # mean_kl / unedited_mean_kl
+    ratio_max: float = RATIO_MAX
+    unedited_reference: dict | None = None  # which unedited file was measured (GGUF)
+    reasons: list[str] = field(default_factory=list)  # why it failed, one line each
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -73,6 +91,47 @@ class _Totals:
         self.kl_sum += float(kl.sum())
         self.kl_max = max(self.kl_max, float(kl.max()))
         self.agree += int((h.argmax(-1) == b.argmax(-1)).sum())
+
+    @property
+    def mean_kl(self) -> float:
+        return self.kl_sum / max(1, self.positions)
+
+    @property
+    def top1(self) -> float:
+        return self.agree / max(1, self.positions)
+
+    def record(self) -> dict:
+        return {
+            "max_abs_logit_diff": self.max_abs,
+            "mean_kl": self.mean_kl,
+            "max_kl": self.kl_max,
+            "top1_agreement": self.top1,
+        }
+
+
+def judge(
+    kl: float, kl_tol: float, top1: float, top1_tol: float, mean_kl: float, unedited_mean_kl: float | None
+) -> tuple[float | None, list[str]]:
+    """``(ratio, reasons)``: the verdict of both gates; no reasons means PASS.
+
+    ``kl`` is the statistic the absolute tolerance applies to (max KL in transformers, mean KL for
+    GGUF). ``unedited_mean_kl`` None skips the relative gate (no unedited reference measured).
+    """
+    reasons = []
+    if not kl <= kl_tol:
+        reasons.append(f"KL {kl:.3e} is above the tolerance {kl_tol:.2g} for this type")
+    if not top1 >= top1_tol:
+        reasons.append(f"top-1 agreement {top1:.4f} is below {top1_tol}")
+    ratio = None
+    if unedited_mean_kl is not None:
+        ratio = mean_kl / unedited_mean_kl if unedited_mean_kl > 0 else float("inf")
+        if not ratio <= RATIO_MAX:
+            reasons.append(
+                f"the baked model is no closer to the hook than {RATIO_MAX:g} x the unedited model's KL "
+                f"(mean KL {mean_kl:.3e} vs unedited {unedited_mean_kl:.3e}, ratio {ratio:.3f}): "
+                "the stored weights do not carry the edit"
+            )
+    return ratio, reasons
 
 
 def _hook(direction: Direction | torch.Tensor) -> Intervention:
@@ -109,6 +168,27 @@ def tolerances_for(dtype: str) -> tuple[float, float]:
     return TOLERANCES.get(dtype, TOLERANCES["bfloat16"])
 
 
+def coarser(*dtypes: str) -> str:
+    """The least precise of ``dtypes`` (by tolerance): the one whose rounding dominates."""
+    known = [d for d in dtypes if d]
+    return max(known, key=lambda d: tolerances_for(d)[0])
+
+
+_SAFETENSORS_DTYPES = {"F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16"}
+
+
+def stored_dtype(folder) -> str:
+    """The least precise float dtype among a safetensors folder's matrices (what the edit was rounded to)."""
+    from cosmic_bake.export.safetensors_io import list_weights
+
+    found = {
+        _SAFETENSORS_DTYPES[t.dtype]
+        for t in list_weights(folder).tensors.values()
+        if len(t.shape) >= 2 and t.dtype in _SAFETENSORS_DTYPES
+    }
+    return coarser(*found) if found else ""
+
+
 @torch.no_grad()
 def verify(
     original_model: torch.nn.Module,
@@ -118,11 +198,16 @@ def verify(
     prompts: list[str],
     fmt,
     batch_size: int = 8,
+    *,
+    stored: str = "",
 ) -> VerifyReport:
-    """Compare ``baked_model`` with ``original_model`` + removal hook on ``prompts``.
+    """Compare ``baked_model`` with ``original_model`` + its hook on ``prompts``.
 
     ``arch`` is ``probe(original_model)``; ``fmt`` a :class:`~cosmic_bake.model.chat.ChatFormat`
-    of the original's tokenizer (both models get the same token ids).
+    of the original's tokenizer (both models get the same token ids). The tolerance follows the
+    coarser of the dtype the baked model computes in and ``stored``, the dtype its weights are
+    stored in (a bf16 checkpoint verified in float32 still carries bf16 rounding). The original
+    without the hook is measured too: the unedited reference of the relative gate.
     """
     if not prompts:
         raise CosmicBakeError("no prompts to verify on", "pass --prompts FILE with at least one prompt")
@@ -135,29 +220,35 @@ def verify(
         )
     iv = _hook(direction)
     t0 = time.perf_counter()
-    totals = _Totals()
+    totals, unedited = _Totals(), _Totals()
     for start in range(0, len(prompts), batch_size):
         batch = fmt.encode(prompts[start : start + batch_size])
-        with intervene(arch, iv):
-            hooked = original_model(**batch, use_cache=False).logits
-        baked = baked_model(**batch, use_cache=False).logits
         real = batch["attention_mask"].bool()
-        totals.add(hooked[real], baked[real])
-    dtype = _dtype_name(baked_model)
+        with intervene(arch, iv):
+            hooked = original_model(**batch, use_cache=False).logits[real]
+        totals.add(hooked, baked_model(**batch, use_cache=False).logits[real])
+        unedited.add(hooked, original_model(**batch, use_cache=False).logits[real])
+    computed = _dtype_name(baked_model)
+    dtype = coarser(computed, stored)
     max_kl_tol, top1_tol = tolerances_for(dtype)
-    agreement = totals.agree / max(1, totals.positions)
+    ratio, reasons = judge(totals.kl_max, max_kl_tol, totals.top1, top1_tol, totals.mean_kl, unedited.mean_kl)
     return VerifyReport(
         n_prompts=len(prompts),
         n_positions=totals.positions,
         dtype=dtype,
         max_abs_logit_diff=totals.max_abs,
-        mean_kl=totals.kl_sum / max(1, totals.positions),
+        mean_kl=totals.mean_kl,
         max_kl=totals.kl_max,
-        top1_agreement=agreement,
+        top1_agreement=totals.top1,
         kl_tolerance=max_kl_tol,
         top1_tolerance=top1_tol,
-        passed=totals.kl_max <= max_kl_tol and agreement >= top1_tol,
+        passed=not reasons,
         seconds=time.perf_counter() - t0,
+        stored_dtype=stored,
+        unedited_mean_kl=unedited.mean_kl,
+        ratio=ratio,
+        unedited_reference={"kind": "original model without the hook", "dtype": computed},
+        reasons=reasons,
     )
 
 
@@ -215,13 +306,16 @@ def verify_gguf(
     prompts: list[str],
     fmt,
     *,
-    source=None,
+    unedited=None,
+    unedited_reference: dict | None = None,
 ) -> VerifyReport:
-    """Compare a baked GGUF run by llama.cpp with ``original_model`` + removal hook, prompt by prompt.
+    """Compare a baked GGUF run by llama.cpp with ``original_model`` + its hook, prompt by prompt.
 
-    ``baked`` (and ``source``, the unedited GGUF, when the original is one) are
-    :class:`~cosmic_bake.model.llamacpp.LlamaCppModel` opened with ``all_logits=True``. With a
-    source, the unedited runtime floor is measured on the same tokens and reported beside.
+    ``baked`` (and ``unedited``, the unedited model as a GGUF of the same type: the source GGUF,
+    or the unedited float model quantized like the output) are
+    :class:`~cosmic_bake.model.llamacpp.LlamaCppModel` opened with ``all_logits=True``. With
+    ``unedited``, the same tokens also give the relative gate (``KL(hook || unedited)``) and the
+    runtime floor (``KL(original || unedited)``: what llama.cpp's own arithmetic costs).
     ``direction`` None compares with ``original_model`` as it is (e.g. a model baked in transformers).
     """
     if not prompts:
@@ -234,41 +328,39 @@ def verify_gguf(
         )
     ivs = () if direction is None else (_hook(direction),)
     t0 = time.perf_counter()
-    totals, floor = _Totals(), _Totals()
+    totals, floor, plain = _Totals(), _Totals(), _Totals()
     for prompt in prompts:
         ids = _ids(fmt, prompt)
+        tokens = ids[0].tolist()
         with intervene(arch, *ivs):
             hooked = original_model(input_ids=ids, use_cache=False).logits[0]
-        totals.add(hooked, torch.from_numpy(baked.logits(ids[0].tolist())))
-        if source is not None:
-            plain = original_model(input_ids=ids, use_cache=False).logits[0]
-            floor.add(plain, torch.from_numpy(source.logits(ids[0].tolist())))
+        totals.add(hooked, torch.from_numpy(baked.logits(tokens)))
+        if unedited is not None:
+            reference = torch.from_numpy(unedited.logits(tokens))
+            plain.add(hooked, reference)
+            floor.add(original_model(input_ids=ids, use_cache=False).logits[0] if ivs else hooked, reference)
     cls = weight_class(baked.path)
     mean_tol, top1_tol = GGUF_TOLERANCES[cls]
-    agreement = totals.agree / max(1, totals.positions)
-    mean_kl = totals.kl_sum / max(1, totals.positions)
-    floor_rec = None
-    if source is not None:
-        floor_rec = {
-            "max_abs_logit_diff": floor.max_abs,
-            "mean_kl": floor.kl_sum / max(1, floor.positions),
-            "max_kl": floor.kl_max,
-            "top1_agreement": floor.agree / max(1, floor.positions),
-        }
+    unedited_kl = plain.mean_kl if unedited is not None and ivs else None
+    ratio, reasons = judge(totals.mean_kl, mean_tol, totals.top1, top1_tol, totals.mean_kl, unedited_kl)
     return VerifyReport(
         n_prompts=len(prompts),
         n_positions=totals.positions,
         dtype="float32",
         max_abs_logit_diff=totals.max_abs,
-        mean_kl=mean_kl,
+        mean_kl=totals.mean_kl,
         max_kl=totals.kl_max,
-        top1_agreement=agreement,
+        top1_agreement=totals.top1,
         kl_tolerance=mean_tol,
         top1_tolerance=top1_tol,
-        passed=mean_kl <= mean_tol and agreement >= top1_tol,
+        passed=not reasons,
         seconds=time.perf_counter() - t0,
         runtime="llama.cpp",
         weight_type=cls,
         gate="mean_kl",
-        runtime_floor=floor_rec,
+        runtime_floor=floor.record() if unedited is not None else None,
+        unedited_mean_kl=unedited_kl,
+        ratio=ratio,
+        unedited_reference=unedited_reference,
+        reasons=reasons,
     )

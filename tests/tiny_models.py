@@ -380,12 +380,12 @@ def _layer_types(num_layers: int) -> list[str]:
 
 
 def _config_kwargs(
-    arch: str, tokenizer: PreTrainedTokenizerFast, *, tied: bool, bias: bool, num_layers: int
+    arch: str, tokenizer: PreTrainedTokenizerFast, *, tied: bool, bias: bool, num_layers: int, width: int = 1
 ) -> dict[str, Any]:
     kw: dict[str, Any] = {
         "vocab_size": len(tokenizer),
-        "hidden_size": HIDDEN_SIZE,
-        "intermediate_size": INTERMEDIATE_SIZE,
+        "hidden_size": HIDDEN_SIZE * width,
+        "intermediate_size": INTERMEDIATE_SIZE * width,
         "num_hidden_layers": num_layers,
         "num_attention_heads": NUM_HEADS,
         "num_key_value_heads": NUM_KV_HEADS,
@@ -460,8 +460,12 @@ def make_tiny_model(
     num_layers: int = 4,
     dtype: torch.dtype = torch.float32,
     shard_size: str | None = None,
+    width: int = 1,
 ) -> Path:
     """Build a tiny random ``arch`` causal LM + tokenizer and save both into ``folder``.
+
+    ``width`` multiplies the hidden and MLP sizes (4: 256 wide, so K-quant rows fit: they need
+    multiples of 256).
 
     ``shard_size`` (e.g. ``"100KB"``) is passed as ``max_shard_size`` so the checkpoint is split
     into several safetensors files with a ``model.safetensors.index.json``. Returns ``folder``.
@@ -472,7 +476,7 @@ def make_tiny_model(
     folder.mkdir(parents=True, exist_ok=True)
 
     tokenizer = make_tiny_tokenizer(arch)
-    config = AutoConfig.for_model(arch, **_config_kwargs(arch, tokenizer, tied=tied, bias=bias, num_layers=num_layers))
+    config = AutoConfig.for_model(arch, **_config_kwargs(arch, tokenizer, tied=tied, bias=bias, num_layers=num_layers, width=width))
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         model = AutoModelForCausalLM.from_config(config)
