@@ -138,9 +138,19 @@ def test_smollm2_q4_1_gguf_bake_verify_and_chat_in_llama_cpp(smol_run, tmp_path)
     assert all(baked[n] == h for n, h in src.items() if n not in edited)
     assert baked["output.weight"] == src["token_embd.weight"]  # tied: the original head is kept
     verify_json = tmp_path / "verify.json"
-    _ok(["verify", SMOL, str(out), "--direction", str(smol_run), "--limit", "2", "-o", str(verify_json)])
+    args = ["verify", SMOL, str(out), "--direction", str(smol_run), "--limit", "2", "-o", str(verify_json)]
+    fail = CliRunner().invoke(cli, args, catch_exceptions=True)
     v = json.loads(verify_json.read_text())
+    # Q4_1 re-rounding of the edited tensors undoes much of the edit on this model: verify says so
+    assert fail.exit_code == 1 and not v["passed"] and v["ratio"] > v["ratio_max"], fail.output[-2000:]
+    assert v["unedited_reference"]["kind"] == "source GGUF" and "--edited-type-always" in fail.output
+    always = tmp_path / "smol-always.gguf"
+    _ok(["bake", SMOL, "--direction", str(smol_run), "--format", "gguf", "--edited-type-always", "-o", str(always)])
+    verify_always = tmp_path / "verify-always.json"
+    _ok(["verify", SMOL, str(always), "--direction", str(smol_run), "--limit", "2", "-o", str(verify_always)])
+    v = json.loads(verify_always.read_text())
     assert v["passed"] and v["runtime"] == "llama.cpp" and v["runtime_floor"]["mean_kl"] > 0
+    assert v["ratio"] <= v["ratio_max"]
     llm = open_llama(out, n_ctx=256, verbose=False)  # stock Llama, minus llama.cpp's AMX buffers
     reply = llm.create_chat_completion(
         messages=[{"role": "user", "content": "Name a colour."}], max_tokens=8, temperature=0

@@ -122,8 +122,8 @@ def test_gguf_gate_per_type(outtype, tiny_model_factory, tmp_path):
 @pytest.mark.parametrize("source_type", ["q8_0", "q4_0"])
 def test_gguf_source_types_measured_against_the_source(source_type, tiny_model_factory, tmp_path):
     """GGUF in, GGUF out: the unedited reference is the source file itself; given as BAKED it FAILS."""
-    from cosmic_bake.export.gguf_convert import convert_folder
     from cosmic_bake.export.ggml_quant import quantize_file
+    from cosmic_bake.export.gguf_convert import convert_folder
 
     folder = tiny_model_factory("llama", width=4)
     run = _strong_run(folder, tmp_path)

@@ -476,7 +476,9 @@ def make_tiny_model(
     folder.mkdir(parents=True, exist_ok=True)
 
     tokenizer = make_tiny_tokenizer(arch)
-    config = AutoConfig.for_model(arch, **_config_kwargs(arch, tokenizer, tied=tied, bias=bias, num_layers=num_layers, width=width))
+    config = AutoConfig.for_model(
+        arch, **_config_kwargs(arch, tokenizer, tied=tied, bias=bias, num_layers=num_layers, width=width)
+    )
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         model = AutoModelForCausalLM.from_config(config)
