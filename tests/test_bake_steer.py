@@ -81,6 +81,41 @@ def test_baked_steering_equals_hook(arch, tied, layer, mode, alpha, tiny_model_f
     _check(folder, out, d)
 
 
+def _block0_inputs(folder: Path, text: str) -> torch.Tensor:
+    """What block 0 reads (embedding rows after the model's own scaling), float32 as the hook runs."""
+    lm = load_model(folder)
+    seen = []
+    block = probe(lm.model).blocks[0].block
+    handle = block.register_forward_pre_hook(
+        lambda _m, args, kw: seen.append(args[0] if args else kw["hidden_states"]), with_kwargs=True
+    )
+    try:
+        with torch.no_grad():
+            lm.model(**ChatFormat(lm.tokenizer).encode([text]), use_cache=False)
+    finally:
+        handle.remove()
+    return seen[0][0].double()
+
+
+@pytest.mark.parametrize("arch", ["gemma2", "gemma3_text"])
+def test_layer0_constant_divides_by_the_float32_embedding_scale(arch, tiny_model_factory, tmp_path):
+    """Gemma scales its embedding by sqrt(d) cast to the model's dtype; the hook, verify and llama.cpp
+    run in float32, so the constant stored in the rows must be c / float32(sqrt(d)). At d = 72 a
+    bfloat16 measurement gives 8.5, not 8.4853: every token would get 1.0017 c instead of c."""
+    folder = tiny_model_factory(arch, tied=True, hidden_size=72)
+    from transformers import AutoConfig
+
+    from cosmic_bake.model.layout import model_layout
+
+    scale = model_layout(AutoConfig.from_pretrained(folder)).embed_scale
+    assert scale == pytest.approx(float(torch.tensor(72**0.5, dtype=torch.float32)), rel=1e-6, abs=0)
+    d = _direction(folder, "add", 0, 1.0)
+    bake_folder(folder, d, tmp_path / "baked")
+    added = _block0_inputs(tmp_path / "baked", PROMPTS[0]) - _block0_inputs(folder, PROMPTS[0])
+    c = d.hook().constant()
+    assert torch.allclose(added, c.expand_as(added), rtol=0, atol=2e-5 * float(c.abs().max())), (added - c).abs().max()
+
+
 @pytest.mark.parametrize("arch", ["gemma2", "mixtral", "qwen2_moe", "phi3"])
 def test_no_exact_place_for_a_later_constant_refuses(arch, tiny_model_factory, tmp_path):
     folder = tiny_model_factory(arch)

@@ -380,11 +380,17 @@ def _layer_types(num_layers: int) -> list[str]:
 
 
 def _config_kwargs(
-    arch: str, tokenizer: PreTrainedTokenizerFast, *, tied: bool, bias: bool, num_layers: int
+    arch: str,
+    tokenizer: PreTrainedTokenizerFast,
+    *,
+    tied: bool,
+    bias: bool,
+    num_layers: int,
+    hidden_size: int = HIDDEN_SIZE,
 ) -> dict[str, Any]:
     kw: dict[str, Any] = {
         "vocab_size": len(tokenizer),
-        "hidden_size": HIDDEN_SIZE,
+        "hidden_size": hidden_size,
         "intermediate_size": INTERMEDIATE_SIZE,
         "num_hidden_layers": num_layers,
         "num_attention_heads": NUM_HEADS,
@@ -460,11 +466,15 @@ def make_tiny_model(
     num_layers: int = 4,
     dtype: torch.dtype = torch.float32,
     shard_size: str | None = None,
+    hidden_size: int = HIDDEN_SIZE,
 ) -> Path:
     """Build a tiny random ``arch`` causal LM + tokenizer and save both into ``folder``.
 
     ``shard_size`` (e.g. ``"100KB"``) is passed as ``max_shard_size`` so the checkpoint is split
-    into several safetensors files with a ``model.safetensors.index.json``. Returns ``folder``.
+    into several safetensors files with a ``model.safetensors.index.json``. ``hidden_size`` other
+    than 64 is for the architectures that set ``head_dim`` (llama, mistral, mixtral, gemma2,
+    gemma3_text): e.g. 72, where bf16(sqrt(72)) = 8.5 differs from sqrt(72) (Gemma's embedding
+    scale). Returns ``folder``.
     """
     if arch not in ARCHS:
         raise ValueError(f"unknown arch {arch!r}; expected one of {ARCHS}")
@@ -472,7 +482,9 @@ def make_tiny_model(
     folder.mkdir(parents=True, exist_ok=True)
 
     tokenizer = make_tiny_tokenizer(arch)
-    config = AutoConfig.for_model(arch, **_config_kwargs(arch, tokenizer, tied=tied, bias=bias, num_layers=num_layers))
+    config = AutoConfig.for_model(
+        arch, **_config_kwargs(arch, tokenizer, tied=tied, bias=bias, num_layers=num_layers, hidden_size=hidden_size)
+    )
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         model = AutoModelForCausalLM.from_config(config)
