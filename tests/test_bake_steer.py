@@ -228,6 +228,45 @@ def test_gguf_to_gguf_constant_without_a_place_refuses(tiny_model_factory, tmp_p
     assert sorted(p.name for p in tmp_path.iterdir()) == ["run", "source.gguf"]
 
 
+def test_gguf_to_gguf_constant_on_a_mixtral_gguf(tiny_model_factory, tmp_path):
+    """Mixtral GGUFs are llama.cpp arch 'llama' with ffn_*_exps experts, whose loader reads no FFN bias.
+
+    A constant after an MoE block refuses with one line and writes nothing (an ffn_down.bias there
+    made llama.cpp refuse the whole file); at layer 0 it goes into the embedding, loads in
+    llama.cpp and equals the hook.
+    """
+    from cosmic_bake.export.gguf_convert import convert_folder
+    from cosmic_bake.export.gguf_io import architecture, open_gguf
+    from cosmic_bake.export_gguf import bake_to_gguf
+    from cosmic_bake.model.llamacpp import LlamaCppModel
+    from cosmic_bake.verify import GGUF_TOLERANCES, verify_gguf
+
+    folder = tiny_model_factory("mixtral", tied=True)
+    source = tmp_path / "source.gguf"
+    convert_folder(folder, source, "f32")
+    reader = open_gguf(source)
+    assert architecture(reader) == "llama" and any(t.name == "blk.1.ffn_down_exps.weight" for t in reader.tensors)
+    for layer in (2, 0):
+        run = tmp_path / f"run{layer}"
+        run.mkdir()
+        _direction(folder, "add", layer, 1.0).save(run)
+    with pytest.raises(CosmicBakeError, match="block 1: its MLP output is a mixture of experts") as err:
+        bake_to_gguf(str(source), tmp_path / "run2", tmp_path / "late.gguf")
+    assert "\n" not in str(err.value) and "layer 0" in str(err.value)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["run0", "run2", "source.gguf"]
+    out = tmp_path / "baked.gguf"
+    assert bake_to_gguf(str(source), tmp_path / "run0", out)["constant"] == "added to token_embd.weight"
+    a = load_model(folder)
+    baked = LlamaCppModel(out, n_ctx=256, all_logits=True, threads=1)
+    try:
+        report = verify_gguf(
+            a.model, probe(a.model), baked, Direction.load(tmp_path / "run0"), PROMPTS, ChatFormat(a.tokenizer)
+        )
+    finally:
+        baked.close()
+    assert report.passed and report.mean_kl <= GGUF_TOLERANCES["F32"][0], report.to_dict()
+
+
 def test_sweep_command_and_select_records_alpha(tiny_model_factory, tmp_path):
     from click.testing import CliRunner
 
