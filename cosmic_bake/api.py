@@ -203,11 +203,14 @@ def verify(
     a, arch, fmt = load(original, dtype, chat_template, system_prompt)
     baked = Path(baked)
     if baked.is_dir() and (baked / "adapter_config.json").is_file():  # a LoRA folder: base + PEFT adapter
-        from peft import PeftModel
-
+        from cosmic_bake.export.lora import check_peft
         from cosmic_bake.model.loading import load_model
 
-        adapted = PeftModel.from_pretrained(load_model(original, dtype=dtype).model, str(baked)).eval()
+        base = load_model(original, dtype=dtype).model
+        check_peft(base)  # before importing peft: an old one may not even import
+        from peft import PeftModel
+
+        adapted = PeftModel.from_pretrained(base, str(baked)).eval()
         return verify_models(a.model, arch, adapted, d, texts, fmt, batch_size)
     if baked.suffix.lower() == ".gguf":
         if _is_adapter(baked):  # llama.cpp LoRA on the base GGUF

@@ -190,19 +190,40 @@ def _out_tensor(tensor, edit: GgufEdit, v: torch.Tensor | None, c: torch.Tensor 
     return OutTensor(tensor.name, qtype, shape, nbytes, lambda: edited_data(tensor, edit, v, c))
 
 
-# llama.cpp architectures that read an optional ``ffn_down`` bias, and whose embedding is used
-# unscaled, so an added constant fits a GGUF without changing the architecture.
+# llama.cpp architectures that read an optional ``ffn_down`` bias (in dense blocks), and whose
+# embedding is used unscaled, so an added constant fits a GGUF without changing the architecture.
 CONSTANT_ARCHS = ("llama",)
 
 
 def _constant_edit(edits: list[GgufEdit], by_name: dict, d: Direction, arch: str, edited_type) -> str:
-    """Mark (or create) the tensor that carries an add / affine constant; returns its name."""
+    """Mark (or create) the tensor that carries an add / affine constant; returns its name.
+
+    At layer ``l > 0`` the constant must enter after block ``l - 1``'s last writer, its MLP: llama.cpp's
+    'llama' graph reads ``blk.N.ffn_down.bias`` only in dense blocks. Mixtral files are 'llama' too,
+    with ``ffn_*_exps`` experts instead, and there the loader reads no FFN bias at all (an extra one
+    makes it refuse the file: wrong number of tensors). ``attn_output.bias`` is read in every block,
+    but it enters before the MLP, which would then see the constant: not the hook. So an MoE block
+    is refused, as in the safetensors route (:func:`~cosmic_bake.bake_constant.place_constant`),
+    decided by the tensors the block has, not by the architecture's name.
+    """
     if arch not in CONSTANT_ARCHS:
         raise CosmicBakeError(
             f"mode '{d.mode}' needs an added bias, which llama.cpp's '{arch}' graph has no place for in this file",
             "pass --outtype (e.g. q8_0) to bake through safetensors, which re-expresses it where possible",
         )
-    target = "token_embd.weight" if d.layer == 0 else f"blk.{d.layer - 1}.ffn_down.bias"
+    block = d.layer - 1
+    if d.layer > 0 and f"blk.{block}.ffn_down.weight" not in by_name:
+        experts = f"blk.{block}.ffn_down_exps.weight" in by_name
+        raise CosmicBakeError(
+            f"cannot bake a constant at the input of block {d.layer}: block {block}: "
+            + (
+                "its MLP output is a mixture of experts (ffn_down_exps), with no bias llama.cpp reads after it"
+                if experts
+                else "it has no dense ffn_down.weight to carry a bias"
+            ),
+            "use the runtime hook (cosmic-bake eval --intervention ...), or a direction at layer 0",
+        )
+    target = "token_embd.weight" if d.layer == 0 else f"blk.{block}.ffn_down.bias"
     for i, e in enumerate(edits):
         if e.name == target:
             kind = "embed" if d.layer == 0 else "bias"

@@ -19,7 +19,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from cosmic_bake import __version__
-from cosmic_bake.errors import CosmicBakeError
+from cosmic_bake.errors import CosmicBakeError, first_line
 
 MANIFEST = "manifest.json"
 
@@ -72,6 +72,22 @@ def atomic_dir(target: Path, *, force: bool = False, protect: list[Path] | None 
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def read_json(path: Path, fix: str) -> dict:
+    """The JSON object in ``path``; anything else is one :class:`CosmicBakeError` line naming the file.
+
+    Indexes, manifests and run stamps are written by tools but then copied, merged, truncated by a
+    full disk or edited by hand; ``json``'s own error is a traceback that names neither the file
+    nor what to do about it. ``fix`` says that, for the kind of file read.
+    """
+    try:
+        data = json.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, ValueError) as err:  # ValueError: JSONDecodeError and UnicodeDecodeError
+        raise CosmicBakeError(f"{path} is not readable JSON ({first_line(err)})", fix) from err
+    if not isinstance(data, dict):
+        raise CosmicBakeError(f"{path} holds a JSON {type(data).__name__}, not an object", fix)
+    return data
 
 
 def write_json(path: Path, data: object) -> None:

@@ -27,6 +27,7 @@ import click
 
 from cosmic_bake import __version__
 from cosmic_bake.errors import CosmicBakeError
+from cosmic_bake.outputs import read_json
 from cosmic_bake.recipe import Recipe, command_args, model_identity, stamp
 
 STAMPS = ".stamps"
@@ -170,7 +171,9 @@ def execute(
         digest = stamp(inputs)
         digests[step.name] = digest
         stamp_file = stamps_dir / f"{step.name}.json"
-        old = json.loads(stamp_file.read_text()) if stamp_file.is_file() else {}
+        old = {}
+        if not fresh and stamp_file.is_file():  # --fresh ignores stamps, so a broken one cannot block it
+            old = read_json(stamp_file, f"delete it (step {step.name} then runs again), or pass --fresh")
         reusable = not fresh and old.get("digest") == digest and all(p.exists() for p in step.outputs)
         label = f"[{i}/{len(steps)}] {step.name}"
         if reusable and old.get("status") in ("ran", "reused"):

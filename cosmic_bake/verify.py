@@ -141,8 +141,9 @@ def _hook(direction: Direction | torch.Tensor) -> Intervention:
 
 def baked_settings(baked: str) -> tuple[str, float] | None:
     """(mode, alpha) a baked folder's manifest or a baked GGUF's metadata records, if any."""
-    import json
     from pathlib import Path
+
+    from cosmic_bake.outputs import read_json
 
     path = Path(baked)
     if path.suffix.lower() == ".gguf" and path.is_file():
@@ -153,9 +154,15 @@ def baked_settings(baked: str) -> tuple[str, float] | None:
         return (str(mode), float(field_value(reader, "cosmic_bake.alpha", 0.0))) if mode else None
     manifest = path / "manifest.json"
     if manifest.is_file():
-        bake = json.loads(manifest.read_text(encoding="utf-8")).get("bake") or {}
+        fix = "restore the manifest.json the bake wrote, or bake the folder again"
+        bake = read_json(manifest, fix).get("bake") or {}
+        if not isinstance(bake, dict):
+            raise CosmicBakeError(f"{manifest}: its 'bake' entry is not an object", fix)
         if "mode" in bake:
-            return str(bake["mode"]), float(bake.get("alpha") or 0.0)
+            try:
+                return str(bake["mode"]), float(bake.get("alpha") or 0.0)
+            except (TypeError, ValueError) as err:
+                raise CosmicBakeError(f"{manifest}: the bake's alpha is not a number", fix) from err
     return None
 
 

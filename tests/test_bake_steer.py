@@ -81,6 +81,41 @@ def test_baked_steering_equals_hook(arch, tied, layer, mode, alpha, tiny_model_f
     _check(folder, out, d)
 
 
+def _block0_inputs(folder: Path, text: str) -> torch.Tensor:
+    """What block 0 reads (embedding rows after the model's own scaling), float32 as the hook runs."""
+    lm = load_model(folder)
+    seen = []
+    block = probe(lm.model).blocks[0].block
+    handle = block.register_forward_pre_hook(
+        lambda _m, args, kw: seen.append(args[0] if args else kw["hidden_states"]), with_kwargs=True
+    )
+    try:
+        with torch.no_grad():
+            lm.model(**ChatFormat(lm.tokenizer).encode([text]), use_cache=False)
+    finally:
+        handle.remove()
+    return seen[0][0].double()
+
+
+@pytest.mark.parametrize("arch", ["gemma2", "gemma3_text"])
+def test_layer0_constant_divides_by_the_float32_embedding_scale(arch, tiny_model_factory, tmp_path):
+    """Gemma scales its embedding by sqrt(d) cast to the model's dtype; the hook, verify and llama.cpp
+    run in float32, so the constant stored in the rows must be c / float32(sqrt(d)). At d = 72 a
+    bfloat16 measurement gives 8.5, not 8.4853: every token would get 1.0017 c instead of c."""
+    folder = tiny_model_factory(arch, tied=True, hidden_size=72)
+    from transformers import AutoConfig
+
+    from cosmic_bake.model.layout import model_layout
+
+    scale = model_layout(AutoConfig.from_pretrained(folder)).embed_scale
+    assert scale == pytest.approx(float(torch.tensor(72**0.5, dtype=torch.float32)), rel=1e-6, abs=0)
+    d = _direction(folder, "add", 0, 1.0)
+    bake_folder(folder, d, tmp_path / "baked")
+    added = _block0_inputs(tmp_path / "baked", PROMPTS[0]) - _block0_inputs(folder, PROMPTS[0])
+    c = d.hook().constant()
+    assert torch.allclose(added, c.expand_as(added), rtol=0, atol=2e-5 * float(c.abs().max())), (added - c).abs().max()
+
+
 @pytest.mark.parametrize("arch", ["gemma2", "mixtral", "qwen2_moe", "phi3"])
 def test_no_exact_place_for_a_later_constant_refuses(arch, tiny_model_factory, tmp_path):
     folder = tiny_model_factory(arch)
@@ -191,6 +226,45 @@ def test_gguf_to_gguf_constant_without_a_place_refuses(tiny_model_factory, tmp_p
     with pytest.raises(CosmicBakeError, match="pass --outtype"):
         bake_to_gguf(str(source), run, tmp_path / "out.gguf")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["run", "source.gguf"]
+
+
+def test_gguf_to_gguf_constant_on_a_mixtral_gguf(tiny_model_factory, tmp_path):
+    """Mixtral GGUFs are llama.cpp arch 'llama' with ffn_*_exps experts, whose loader reads no FFN bias.
+
+    A constant after an MoE block refuses with one line and writes nothing (an ffn_down.bias there
+    made llama.cpp refuse the whole file); at layer 0 it goes into the embedding, loads in
+    llama.cpp and equals the hook.
+    """
+    from cosmic_bake.export.gguf_convert import convert_folder
+    from cosmic_bake.export.gguf_io import architecture, open_gguf
+    from cosmic_bake.export_gguf import bake_to_gguf
+    from cosmic_bake.model.llamacpp import LlamaCppModel
+    from cosmic_bake.verify import GGUF_TOLERANCES, verify_gguf
+
+    folder = tiny_model_factory("mixtral", tied=True)
+    source = tmp_path / "source.gguf"
+    convert_folder(folder, source, "f32")
+    reader = open_gguf(source)
+    assert architecture(reader) == "llama" and any(t.name == "blk.1.ffn_down_exps.weight" for t in reader.tensors)
+    for layer in (2, 0):
+        run = tmp_path / f"run{layer}"
+        run.mkdir()
+        _direction(folder, "add", layer, 1.0).save(run)
+    with pytest.raises(CosmicBakeError, match="block 1: its MLP output is a mixture of experts") as err:
+        bake_to_gguf(str(source), tmp_path / "run2", tmp_path / "late.gguf")
+    assert "\n" not in str(err.value) and "layer 0" in str(err.value)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["run0", "run2", "source.gguf"]
+    out = tmp_path / "baked.gguf"
+    assert bake_to_gguf(str(source), tmp_path / "run0", out)["constant"] == "added to token_embd.weight"
+    a = load_model(folder)
+    baked = LlamaCppModel(out, n_ctx=256, all_logits=True, threads=1)
+    try:
+        report = verify_gguf(
+            a.model, probe(a.model), baked, Direction.load(tmp_path / "run0"), PROMPTS, ChatFormat(a.tokenizer)
+        )
+    finally:
+        baked.close()
+    assert report.passed and report.mean_kl <= GGUF_TOLERANCES["F32"][0], report.to_dict()
 
 
 def test_sweep_command_and_select_records_alpha(tiny_model_factory, tmp_path):

@@ -249,7 +249,7 @@ def test_four_bit_gguf_runs_in_llama_cpp_and_verifies(outtype, tiny_model_factor
     from cosmic_bake.verify import RATIO_MAX
 
     monkeypatch.setenv("COSMIC_BAKE_MODELS", str(tmp_path / "cache"))
-    folder = tiny_model_factory("llama", width=4)
+    folder = tiny_model_factory("llama", hidden_size=256, intermediate_size=512)
     run = _strong_run(folder, tmp_path)
     out = tmp_path / f"m-{outtype}.gguf"
     bake_to_gguf(str(folder), run, out, outtype=outtype)

@@ -11,12 +11,14 @@ from cosmic_bake import api
 from cosmic_bake.errors import CosmicBakeError
 from cosmic_bake.export.gguf_convert import convert_folder
 from cosmic_bake.export.lora import ADAPTER_CONFIG, ADAPTER_WEIGHTS, GGUF_ADAPTER
+from cosmic_bake.model.loading import load_model
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.mark.parametrize(
-    ("arch", "tied"), [("llama", False), ("llama", True), ("qwen2", False), ("gemma2", True), ("phi3", False)]
+    ("arch", "tied"),
+    [("llama", False), ("llama", True), ("qwen2", False), ("gemma2", True), ("gemma3_text", True), ("phi3", False)],
 )
 def test_peft_adapter_equals_the_hook(arch, tied, tiny_model_factory, tmp_path):
     folder = tiny_model_factory(arch, tied=tied, bias=arch == "qwen2")
@@ -69,3 +71,21 @@ def test_lora_refuses_what_it_cannot_carry(tiny_model_factory, tmp_path):
     with pytest.raises(CosmicBakeError, match="a LoRA cannot change biases"):
         api.export_lora(str(biased), _run_dir(biased, tmp_path, seed=3), tmp_path / "z", gguf=False)
     assert not any((tmp_path / n).exists() for n in "xyz")
+
+
+def test_verify_refuses_a_peft_that_leaves_gemma_embedding_deltas_unscaled(tiny_model_factory, tmp_path, monkeypatch):
+    """peft < 0.18 adds embedding LoRA rows after Gemma's sqrt(d) scaling: one line, not a wrong model."""
+    from cosmic_bake.export import lora
+
+    folder = tiny_model_factory("gemma3_text", tied=True)
+    run, out = _run_dir(folder, tmp_path), tmp_path / "lora"
+    api.export_lora(str(folder), run, out, gguf=False)
+    monkeypatch.setattr(lora, "_installed_peft", lambda: "0.17.1")
+    with pytest.raises(CosmicBakeError) as err:
+        api.verify(str(folder), out, run, limit=1)
+    assert str(err.value) == (
+        "peft 0.17.1 is too old for Gemma embedding adapters (Gemma3TextScaledWordEmbedding scales its rows); "
+        "pip install 'peft>=0.18.0'"
+    )
+    llama = tiny_model_factory("llama")  # an unscaled embedding: any peft will do
+    lora.check_peft(load_model(llama).model)

@@ -98,7 +98,7 @@ GGUF_CASES = ["f32", "f16", "bf16", "q8_0", "q4_k_m", "q4_0", "q4_1"]
 @pytest.mark.parametrize("outtype", GGUF_CASES)
 def test_gguf_gate_per_type(outtype, tiny_model_factory, tmp_path):
     """``bake --outtype T`` PASSES; the unedited model quantized to T (the cached reference) FAILS."""
-    folder = tiny_model_factory("llama", width=4)
+    folder = tiny_model_factory("llama", hidden_size=256, intermediate_size=512)
     run = _strong_run(folder, tmp_path)
     out = tmp_path / f"baked-{outtype}.gguf"
     api.bake(str(folder), run, out, format="gguf", outtype=outtype)
@@ -125,7 +125,7 @@ def test_gguf_source_types_measured_against_the_source(source_type, tiny_model_f
     from cosmic_bake.export.ggml_quant import quantize_file
     from cosmic_bake.export.gguf_convert import convert_folder
 
-    folder = tiny_model_factory("llama", width=4)
+    folder = tiny_model_factory("llama", hidden_size=256, intermediate_size=512)
     run = _strong_run(folder, tmp_path)
     source = tmp_path / f"source-{source_type}.gguf"
     convert_folder(folder, tmp_path / "f32.gguf", "f32")

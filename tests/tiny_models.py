@@ -380,12 +380,19 @@ def _layer_types(num_layers: int) -> list[str]:
 
 
 def _config_kwargs(
-    arch: str, tokenizer: PreTrainedTokenizerFast, *, tied: bool, bias: bool, num_layers: int, width: int = 1
+    arch: str,
+    tokenizer: PreTrainedTokenizerFast,
+    *,
+    tied: bool,
+    bias: bool,
+    num_layers: int,
+    hidden_size: int = HIDDEN_SIZE,
+    intermediate_size: int = INTERMEDIATE_SIZE,
 ) -> dict[str, Any]:
     kw: dict[str, Any] = {
         "vocab_size": len(tokenizer),
-        "hidden_size": HIDDEN_SIZE * width,
-        "intermediate_size": INTERMEDIATE_SIZE * width,
+        "hidden_size": hidden_size,
+        "intermediate_size": intermediate_size,
         "num_hidden_layers": num_layers,
         "num_attention_heads": NUM_HEADS,
         "num_key_value_heads": NUM_KV_HEADS,
@@ -460,15 +467,17 @@ def make_tiny_model(
     num_layers: int = 4,
     dtype: torch.dtype = torch.float32,
     shard_size: str | None = None,
-    width: int = 1,
+    hidden_size: int = HIDDEN_SIZE,
+    intermediate_size: int = INTERMEDIATE_SIZE,
 ) -> Path:
     """Build a tiny random ``arch`` causal LM + tokenizer and save both into ``folder``.
 
-    ``width`` multiplies the hidden and MLP sizes (4: 256 wide, so K-quant rows fit: they need
-    multiples of 256).
-
     ``shard_size`` (e.g. ``"100KB"``) is passed as ``max_shard_size`` so the checkpoint is split
-    into several safetensors files with a ``model.safetensors.index.json``. Returns ``folder``.
+    into several safetensors files with a ``model.safetensors.index.json``. ``hidden_size`` other
+    than 64 is for the architectures that set ``head_dim`` (llama, mistral, mixtral, gemma2,
+    gemma3_text): e.g. 72, where bf16(sqrt(72)) = 8.5 differs from sqrt(72) (Gemma's embedding
+    scale), or 256 with ``intermediate_size`` 512, so K-quant rows fit (multiples of 256).
+    Returns ``folder``.
     """
     if arch not in ARCHS:
         raise ValueError(f"unknown arch {arch!r}; expected one of {ARCHS}")
@@ -476,8 +485,9 @@ def make_tiny_model(
     folder.mkdir(parents=True, exist_ok=True)
 
     tokenizer = make_tiny_tokenizer(arch)
+    sizes = {"hidden_size": hidden_size, "intermediate_size": intermediate_size}
     config = AutoConfig.for_model(
-        arch, **_config_kwargs(arch, tokenizer, tied=tied, bias=bias, num_layers=num_layers, width=width)
+        arch, **_config_kwargs(arch, tokenizer, tied=tied, bias=bias, num_layers=num_layers, **sizes)
     )
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)

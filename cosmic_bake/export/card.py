@@ -168,7 +168,8 @@ def lora_card(base_model: str, direction: Direction, n_modules: int, with_gguf: 
         f"(layer {direction.layer}, position {direction.position}, direction SHA-256 "
         f"`{direction.digest[:16]}`): {n_modules} modules.",
         "",
-        "transformers: `PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(BASE), THIS_FOLDER)`.",
+        "transformers: `PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(BASE), THIS_FOLDER)`, "
+        "with peft >= 0.18 (older releases leave the embedding update unscaled on Gemma models).",
     ]
     if with_gguf:
         body.append("llama.cpp: `llama-cli -m BASE.gguf --lora adapter.gguf` (the base may be quantized).")

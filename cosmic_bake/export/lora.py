@@ -29,6 +29,9 @@ ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 GGUF_ADAPTER = "adapter.gguf"
 _GGUF_WRITER = {"attn": "attn_output", "mlp": "ffn_down"}
+# The first peft whose LoRA Embedding multiplies its delta rows by the base layer's ``embed_scale``
+# (huggingface/peft#2825, commit 9b8cf2a, released in v0.18.0; absent from v0.17.1's lora/layer.py).
+PEFT_SCALES_EMBEDDINGS = "0.18.0"
 
 
 @dataclass
@@ -77,6 +80,33 @@ def removal_factors(arch: Architecture, r: torch.Tensor) -> list[LoraFactor]:
         ),
     )
     return factors
+
+
+def _installed_peft() -> str:
+    from importlib.metadata import version
+
+    return version("peft")
+
+
+def check_peft(base: torch.nn.Module) -> None:
+    """Refuse a peft too old to apply our embedding adapter to ``base``'s scaled embedding.
+
+    Gemma's embedding module (``Gemma3TextScaledWordEmbedding``; in transformers 5 Gemma 1 and 2
+    too) multiplies its output by ``embed_scale`` = sqrt(d) inside ``forward``. peft before
+    0.18.0 adds the LoRA rows after that call, unscaled, so base + adapter would remove only
+    1/sqrt(d) of the direction from the embedding: a silently different model, not an error.
+    """
+    embed = base.get_input_embeddings()
+    if getattr(embed, "embed_scale", None) is None:
+        return
+    from packaging.version import Version
+
+    installed = _installed_peft()
+    if Version(installed) < Version(PEFT_SCALES_EMBEDDINGS):
+        raise CosmicBakeError(
+            f"peft {installed} is too old for Gemma embedding adapters ({type(embed).__name__} scales its rows)",
+            f"pip install 'peft>={PEFT_SCALES_EMBEDDINGS}'",
+        )
 
 
 def write_peft(factors: list[LoraFactor], out: Path, base_model: str, dtype: torch.dtype = torch.float32) -> None:

@@ -33,7 +33,7 @@ from typing import BinaryIO
 import torch
 
 from cosmic_bake.errors import CosmicBakeError
-from cosmic_bake.outputs import write_json
+from cosmic_bake.outputs import read_json, write_json
 
 INDEX_FILE = "model.safetensors.index.json"
 SINGLE_FILE = "model.safetensors"
@@ -152,13 +152,25 @@ def _tensor_info(path: Path, name: str, rec: dict, base: int) -> TensorInfo:
     return info
 
 
+def _read_index(path: Path) -> dict:
+    """A shard index with a ``weight_map`` of tensor name -> shard file (and object ``metadata``, if any)."""
+    fix = "re-download the model's index (or the whole model)"
+    index = read_json(path, fix)
+    weight_map, metadata = index.get("weight_map"), index.get("metadata")
+    if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+        raise CosmicBakeError(f"{path} has no weight_map of tensor name -> shard file", fix)
+    if metadata is not None and not isinstance(metadata, dict):
+        raise CosmicBakeError(f"{path} has a metadata entry that is not an object", fix)
+    return index
+
+
 def list_weights(folder: Path) -> Listing:
     """All safetensors weights of ``folder`` (one file or an indexed set of shards)."""
     folder = Path(folder)
     index = None
     if (folder / INDEX_FILE).is_file():
-        index = json.loads((folder / INDEX_FILE).read_text(encoding="utf-8"))
-        files = list(dict.fromkeys(index.get("weight_map", {}).values()))
+        index = _read_index(folder / INDEX_FILE)
+        files = list(dict.fromkeys(index["weight_map"].values()))
     elif (folder / SINGLE_FILE).is_file():
         files = [SINGLE_FILE]
     else:

@@ -287,11 +287,14 @@ def _final_norm(model: nn.Module, layers: nn.ModuleList, names: dict[int, str], 
 
 
 @torch.no_grad()
-def embed_scale(model: nn.Module, arch: Architecture) -> float:
+def embed_scale(model: nn.Module, embed: nn.Embedding, first_block: nn.Module) -> float:
     """What the model multiplies its embedding rows by before block 0 (1, or ``sqrt(d)`` for Gemma).
 
-    Measured with one forward pass rather than read from a table, so an added constant stored in
-    the embedding (baked ``add`` / ``affine`` at layer 0) is divided by exactly the right number.
+    Measured with one forward pass (stopped at ``first_block``'s input) rather than read from a
+    table, so an added constant stored in the embedding (baked ``add`` / ``affine`` at layer 0) is
+    divided by exactly the right number. The number is the one ``model``'s dtype gives: Gemma
+    casts ``sqrt(d)`` to it, so measure on a float32 model for a float32 runtime (see
+    :func:`cosmic_bake.model.layout.model_layout`).
     """
     seen: list[torch.Tensor] = []
 
@@ -299,15 +302,15 @@ def embed_scale(model: nn.Module, arch: Architecture) -> float:
         seen.append((args[0] if args else kwargs["hidden_states"]).detach().clone())
         raise _Seen
 
-    ids = torch.tensor([[1, 2, 3]]) % max(1, arch.embed.weight.shape[0])
-    handle = arch.blocks[0].block.register_forward_pre_hook(grab, with_kwargs=True)
+    ids = torch.tensor([[1, 2, 3]]) % max(1, embed.weight.shape[0])
+    handle = first_block.register_forward_pre_hook(grab, with_kwargs=True)
     try:
         model(input_ids=ids, use_cache=False)
     except _Seen:
         pass
     finally:
         handle.remove()
-    rows = arch.embed.weight[ids[0]].double()
+    rows = embed.weight[ids[0]].double()
     x = seen[0][0].double()
     return float((x * rows).sum() / (rows * rows).sum())
 

