@@ -67,7 +67,7 @@ from cosmic_bake.export.safetensors_io import (
 from cosmic_bake.math.projections import project_out_cols_, project_out_rows_, unit
 from cosmic_bake.model.hooks import BAKED_MODES
 from cosmic_bake.model.layout import Layout, model_layout, text_config
-from cosmic_bake.outputs import MANIFEST, atomic_dir, check_target, manifest, source_record, write_json
+from cosmic_bake.outputs import MANIFEST, atomic_dir, check_target, manifest, read_json, source_record, write_json
 
 EMBEDDINGS = ("untie", "skip")
 _NOT_COPIED = {CARD_FILE, MANIFEST, INDEX_FILE, "config.json"}
@@ -456,11 +456,8 @@ def _load_direction(direction: Direction | str | Path) -> tuple[Direction, dict 
     d = Direction.load(path)
     sel = (path if path.is_dir() else path.parent) / SELECTION_FILE
     scores = None
-    if sel.is_file():
-        try:
-            scores = json.loads(sel.read_text(encoding="utf-8")).get("chosen_scores")
-        except (OSError, ValueError):
-            scores = None
+    if sel.is_file():  # scores are informational: a broken selection.json is one clear line all the same
+        scores = read_json(sel, "re-run select, or restore the run folder's selection.json").get("chosen_scores")
     return d, scores
 
 

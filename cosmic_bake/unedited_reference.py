@@ -15,7 +15,6 @@ The reference costs little:
 
 from __future__ import annotations
 
-import json
 import os
 import tempfile
 from pathlib import Path
@@ -43,12 +42,9 @@ def baked_outtype(baked: Path) -> tuple[str | None, str | None]:
 
     sidecar = manifest_path(baked)
     if sidecar.is_file():
-        try:
-            bake = json.loads(sidecar.read_text(encoding="utf-8")).get("bake") or {}
-        except (json.JSONDecodeError, AttributeError) as err:
-            raise CosmicBakeError(
-                f"{sidecar} is not a valid manifest ({err})", "re-bake the GGUF, or delete the broken manifest"
-            ) from err
+        from cosmic_bake.outputs import read_json
+
+        bake = read_json(sidecar, "re-bake the GGUF, or delete its broken .manifest.json").get("bake") or {}
         route = bake.get("route")
         if route == "gguf-to-gguf":
             return route, None
