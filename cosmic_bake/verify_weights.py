@@ -372,6 +372,27 @@ def class_rows(results: list[TensorResult]) -> list[ClassRow]:
     return rows
 
 
+_FLOAT_TYPES = ("F64", "F32", "F16", "BF16")
+
+
+def _notes(results: list[TensorResult], embeddings: str) -> list[str]:
+    """What the figures mean where a reader would ask: skipped embeddings, edits rounded away."""
+    notes = []
+    if embeddings == "skip":
+        notes.append("embeddings skipped by the bake: the embedding is not checked")
+    regrid = sorted(
+        {t.stored_type for t in results if t.status == "fail" and t.residual < 0.9 and t.stored_type == t.source_type}
+        - set(_FLOAT_TYPES)
+    )
+    if regrid:
+        notes.append(
+            f"edited tensors re-rounded to their own quantized type ({', '.join(regrid)}) keep part of the "
+            "component: nearest rounding puts weights moved by less than half a step back on their old grid "
+            "points; bake with --edited-type-always (q8_0), or from the float model with --outtype"
+        )
+    return notes
+
+
 def _result(name: str, cls: str, source_type: str, stored_type: str, units: list[UnitResult]) -> TensorResult:
     return TensorResult(
         name,
@@ -450,6 +471,13 @@ def _hf_class(layout, edit) -> str:
     return "attn_output" if role.part == "attn" else "mlp_down"
 
 
+def _read(folder: Path, info) -> torch.Tensor:
+    from cosmic_bake.export.safetensors_io import read_tensor
+
+    with open(folder / info.file, "rb") as fh:
+        return read_tensor(fh, info)
+
+
 def check_folder(
     source_folder: str | Path,
     baked_folder: str | Path,
@@ -465,7 +493,7 @@ def check_folder(
     """
     from cosmic_bake.bake import _add_constant, _load_config, edit_vectors, plan_bake
     from cosmic_bake.bake_constant import place_constant
-    from cosmic_bake.export.safetensors_io import list_weights, read_tensor
+    from cosmic_bake.export.safetensors_io import list_weights
     from cosmic_bake.model.layout import model_layout, text_config
 
     folder, baked = Path(source_folder), Path(baked_folder)
@@ -499,20 +527,20 @@ def check_folder(
     for e in plan.edits():
         if e.kind in ("copy", "zeros") and not e.constant:
             continue
-        if e.name not in out.tensors:
-            raise CosmicBakeError(
-                f"{baked} has no tensor {e.name}, which the bake writes", "pass the folder baked from this model"
-            )
-        info_b = out.tensors[e.name]
-        with open(out.folder / info_b.file, "rb") as fh:
-            x_b = read_tensor(fh, info_b)
-        if e.kind == "zeros":
-            x_o, source_type = torch.zeros(info_b.shape, dtype=torch.float64), "(new)"
+        if e.kind == "zeros":  # a new bias carrying the constant; missing from an unedited folder
+            x_o, source_type = torch.zeros(e.shape, dtype=torch.float64), "(new)"
+            info_b = out.tensors.get(e.name)
+            stored_type = info_b.dtype if info_b is not None else "(missing)"
+            x_b = _read(out.folder, info_b) if info_b is not None else x_o
         else:
+            if e.name not in out.tensors:
+                raise CosmicBakeError(
+                    f"{baked} has no tensor {e.name}, which the bake writes", "pass the folder baked from this model"
+                )
+            info_b = out.tensors[e.name]
+            x_b, stored_type = _read(out.folder, info_b), info_b.dtype
             info = listing.tensors[e.source]
-            with open(listing.folder / info.file, "rb") as fh:
-                x_o = read_tensor(fh, info)
-            source_type = info.dtype
+            x_o, source_type = _read(listing.folder, info), info.dtype
         if x_o.shape != x_b.shape:
             raise CosmicBakeError(
                 f"{e.name} has shape {list(x_b.shape)} in {baked} but {list(x_o.shape)} in the source",
@@ -530,9 +558,9 @@ def check_folder(
         carrier = "cols" if placement is not None and placement.kind == "embedding" else "bias"
         shape_kind = {"zeros": "bias", "copy": carrier}.get(e.kind, e.kind)
         units = check_tensor(x_o, x_b, shape_kind, target)
-        results.append(_result(e.name, _hf_class(layout, e), source_type, info_b.dtype, units))
-    notes = [] if emb != "skip" else ["embeddings skipped by the bake: the embedding is not checked"]
-    return WeightCheck("hf", d.mode, d.alpha, str(folder), str(baked), class_rows(results), results, notes=notes)
+        results.append(_result(e.name, _hf_class(layout, e), source_type, stored_type, units))
+    rows, notes = class_rows(results), _notes(results, emb)
+    return WeightCheck("hf", d.mode, d.alpha, str(folder), str(baked), rows, results, notes=notes)
 
 
 # --------------------------------------------------------------------------------------------
@@ -710,7 +738,8 @@ def _check_gguf(
         checked.append(SimpleNamespace(name=target_name, kind="bias", vector=None))
     results = []
     for e in checked:
-        if e.name not in out.by_name:
+        new = e.name not in by_name
+        if e.name not in out.by_name and not new:
             raise CosmicBakeError(
                 f"{baked} has no tensor {e.name}, which the bake writes", "pass the file baked from this model"
             )
@@ -726,9 +755,10 @@ def _check_gguf(
                 )
             pairs = _gguf_pairs(src, out, e.name, layout)
             source_type = src.type_name(e.name)
-        else:  # a new bias carrying the constant
-            x_b = out.full(e.name)
-            pairs = iter([(torch.zeros_like(x_b).reshape(-1, x_b.shape[-1]), x_b.reshape(-1, x_b.shape[-1]))])
+        else:  # a new bias carrying the constant; missing from an unedited file
+            zeros = torch.zeros(1, d_model, dtype=torch.float64)
+            x_b = out.full(e.name).reshape(1, -1) if e.name in out.by_name else zeros
+            pairs = iter([(zeros, x_b)])
             source_type = "(new)"
         projected = e.kind != "copy" and e.vector is not None and e.name in by_name
         carrier = e.name == target_name
@@ -740,10 +770,11 @@ def _check_gguf(
             divisor if carrier and layout == "cols" else 1.0,
         )
         units = _judge_pairs(pairs, tgt, per_pair=layout == "rows")
-        results.append(_result(e.name, gguf_class(e.name), source_type, out.type_name(e.name), units))
-    notes = [] if emb != "skip" else ["embeddings skipped by the bake: the embedding is not checked"]
+        stored_type = out.type_name(e.name) if e.name in out.by_name else "(missing)"
+        results.append(_result(e.name, gguf_class(e.name), source_type, stored_type, units))
     kind = "gguf (from a transformers folder)" if source.is_dir() else "gguf"
-    return WeightCheck(kind, d.mode, d.alpha, str(source), str(baked), class_rows(results), results, notes=notes)
+    rows, notes = class_rows(results), _notes(results, emb)
+    return WeightCheck(kind, d.mode, d.alpha, str(source), str(baked), rows, results, notes=notes)
 
 
 def _judge_pairs(
