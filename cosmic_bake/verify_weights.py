@@ -29,7 +29,7 @@ Metric, per unit (one tensor; one expert of a stacked expert tensor), with ``X_t
 * ``residual = deviation / |c_o - c_t|``: 0 for an exact edit, about 1 for no edit at all;
 * ``rounding``: the edit must not change ``X`` across ``u``, so ``E (I - u u^T)`` is what rounding
   to the stored type left there. Rounding along ``u`` is estimated from it twice, and the larger
-  taken: isotropically, ``|E (I - u u^T)|_F / sqrt(d - 1)`` (the brief's estimate), and per
+  taken: isotropically, ``|E (I - u u^T)|_F / sqrt(d - 1)``, and per
   coordinate, ``sqrt(sum_i u_i^2 S_i / (1 - sum_i u_i^4))`` with ``S_i`` coordinate ``i``'s
   squared orthogonal error summed over the unit. The second matters where rounding is not the
   same on every coordinate (float rounding scales with the value: real models have a few
@@ -40,8 +40,9 @@ Metric, per unit (one tensor; one expert of a stacked expert tensor), with ``X_t
 
 A unit **passes** when ``deviation <= allowance`` and ``residual <= 0.5``; **fails** when
 ``deviation > allowance``; is **unresolved** when within the allowance but with ``residual > 0.5``,
-i.e. the edit itself is no larger than twice what rounding to this type leaves, so the stored
-weights can show neither its presence nor its absence. A tensor takes its worst unit's status.
+i.e. the edit itself is under twice the allowance, so the stored type can show neither its
+presence nor its absence. A tensor takes its worst unit's status; a class (per stored type)
+passes when no tensor fails and at least one shows the edit, the check when every class passes.
 
 Why ``K = 4``: for independent rounding errors ``E u`` is a sum of ``d`` small terms, close to
 Gaussian, and ``deviation / rounding`` is ``sqrt(chi2_m / m)``: for a bias (``m = 1``, the worst
@@ -53,14 +54,21 @@ the type's precision (float32 ~1e-7, bfloat16 ~3e-3, q8_0 ~1e-2, 4-bit ~0.1). Wh
 the edit must have moved the component at least half way, beyond any plausible rounding.
 
 An unedited file fails: ``X_b = X_o`` puts the whole prescribed change in ``E u`` and nothing
-across ``u``, so the allowance collapses to ``eps``. A wrong direction fails: the component along
-``u`` stays (residual near 1), and the change lands across ``u``, where it reads as rounding
-about ``sqrt(d - 1)`` times smaller than the deviation.
+across ``u``, so the allowance collapses to ``eps`` (ratios ~1e9). A wrong direction, or Gemma's
+gain left out of ``u``, fails: the component along ``u`` stays, and the change lands across ``u``
+as one structured vector, which reads as rounding about ``sqrt(d - 1)`` times smaller than the
+deviation (deviation / allowance measured about 2 at ``d = 64``, 4 at ``d = 256``; so for a single
+bias vector at small ``d`` such a change may come out "unresolved" rather than "fail").
 
-Quantized sources re-rounded to their own type (``bake --format gguf``, source types): where
-the edit moves each weight by less than half a quantization step (4-bit types, wide models),
-nearest rounding puts most weights back where they were and the edit is lost: this check then
-fails, as it should; ``--edited-type-always`` (q8_0) keeps it.
+Quantized sources rounded again to a type of the same precision (``bake --format gguf`` with
+source types; also ``--outtype q4_k_m`` from a Q4_1 GGUF): the source weights sit on a grid,
+and where the edit moves a weight by less than half a step, nearest rounding puts it back. The
+error is then the edit itself, along ``u``, not rounding: part of the component stays (4-bit at
+``d = 256``: residual ~0.4; SmolLM2's Q4_1 writers, ``d = 576``: ~0.5), and this check fails
+those tensors, as it should (their stored weights still write the direction);
+``--edited-type-always`` (q8_0) keeps the edit (residual ~0.006). Finer types lose less (Q8_0 /
+Q6_K re-rounded: residual ~0.01 / 0.05, within the allowance at these widths), but the loss
+grows with ``d``.
 
 Readers stream one tensor at a time (GGUF embeddings in row chunks): :func:`check_folder`
 (transformers folders), :func:`check_gguf` (GGUF outputs, against the unedited GGUF or the
@@ -247,6 +255,7 @@ def check_tensor(original: torch.Tensor, baked: torch.Tensor, layout: str, targe
 
 
 def worst(statuses: Iterable[str]) -> str:
+    """The worst of some statuses (a tensor is as good as its worst expert)."""
     return max(statuses, key=STATUSES.index, default="pass")
 
 
@@ -260,8 +269,8 @@ class TensorResult:
 
     name: str
     cls: str
-    source_type: str
-    stored_type: str
+    source_type: str  # "(new)" for a bias the bake adds
+    stored_type: str  # "(missing)" where the output lacks a bias the bake adds
     units: int
     residual: float
     ratio: float
@@ -381,14 +390,18 @@ def _notes(results: list[TensorResult], embeddings: str) -> list[str]:
     if embeddings == "skip":
         notes.append("embeddings skipped by the bake: the embedding is not checked")
     regrid = sorted(
-        {t.stored_type for t in results if t.status == "fail" and t.residual < 0.9 and t.stored_type == t.source_type}
-        - set(_FLOAT_TYPES)
+        {
+            f"{t.source_type} -> {t.stored_type}"
+            for t in results
+            if t.status == "fail" and t.residual < 0.9 and {t.source_type, t.stored_type}.isdisjoint(_FLOAT_TYPES)
+        }
     )
     if regrid:
         notes.append(
-            f"edited tensors re-rounded to their own quantized type ({', '.join(regrid)}) keep part of the "
-            "component: nearest rounding puts weights moved by less than half a step back on their old grid "
-            "points; bake with --edited-type-always (q8_0), or from the float model with --outtype"
+            f"edited tensors rounded from a quantized source to a quantized type ({', '.join(regrid)}) keep part "
+            "of the component: the source weights sit on a grid, and nearest rounding puts a weight the edit moved "
+            "by less than half a step back where it was; store edited tensors as q8_0 (--edited-type-always), or "
+            "bake from the float model"
         )
     return notes
 

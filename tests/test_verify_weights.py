@@ -293,6 +293,7 @@ def test_k_quants_and_four_bit_source_types(wide_factory, tmp_path):
             continue
         writers = [r for r in check.rows if r.cls in ("attn_output", "mlp_down") and r.stored_type == "Q4_K"]
         assert writers and not any(r.passed for r in writers), "\n".join(check.lines())
+        assert "Q4_K -> Q4_K" in check.notes[0]
         assert all(0.2 < r.max_residual < 0.7 for r in writers), "\n".join(check.lines())  # part of the edit stays
         always = tmp_path / f"{qtype}-q8.gguf"
         bake_to_gguf(str(source), run, always, edited_type_always=True)
