@@ -619,6 +619,10 @@ class _GgufTensors:
 
         return _float_rows(self.by_name[name], start, stop)
 
+    def gain(self, name: str) -> torch.Tensor:
+        """A norm's stored gain (Gemma's ``+1`` included), as :func:`cosmic_bake.bake_gguf.edit_vectors` reads it."""
+        return self.full(name).double().reshape(-1)
+
     def full(self, name: str) -> torch.Tensor:
         shape = self.shape(name)
         n_rows = math.prod(shape[:-1]) if len(shape) > 1 else 1
@@ -657,6 +661,18 @@ class _ConvertedFolder:
             self._cached = (name, torch.from_numpy(np.array(data, dtype=np.float32)))
         return self._cached[1]
 
+    def gain(self, name: str) -> torch.Tensor:
+        """A norm's gain as the safetensors bake took it: float64, plus 1 for Gemma's ``1 + w``.
+
+        (The converter writes ``1 + w`` rounded to float32; the bake's vector used it unrounded.)
+        """
+        from cosmic_bake.export.safetensors_io import read_tensor
+
+        [info] = self.planned[name].sources
+        with open(self.folder / info.file, "rb") as fh:
+            g = read_tensor(fh, info).double().reshape(-1)
+        return g + 1.0 if self.hp.arch in _GEMMA_ARCHS else g
+
     def rows(self, name: str, start: int, stop: int) -> torch.Tensor:
         x = self.full(name)
         return x.reshape(-1, x.shape[-1])[start:stop]
@@ -678,7 +694,7 @@ def _gguf_vectors(src, r_hat: torch.Tensor, keys: set[str]) -> dict[str, torch.T
     for key in keys - {"r"}:
         block, part = key.split(".")
         norm = f"blk.{block}.{'post_attention_norm' if part == 'attn_output' else 'post_ffw_norm'}.weight"
-        vectors[key] = unit(src.full(norm).double().reshape(-1) * r_hat)
+        vectors[key] = unit(src.gain(norm) * r_hat)
     return vectors
 
 
