@@ -189,17 +189,28 @@ def verify(
     """Compare ``baked`` (a folder, or a .gguf run in llama.cpp) with ``original`` + the hook it equals.
 
     The hook is that of the mode and alpha recorded in the baked output. Returns a
-    :class:`~cosmic_bake.verify.VerifyReport` (``.passed``, KL and logit figures).
+    :class:`~cosmic_bake.verify.VerifyReport` (``.passed``, KL and logit figures, the relative
+    gate against the unedited model, and the prompt-free weight-space check in ``.weights``).
     """
     from cosmic_bake.artifacts import Direction
-    from cosmic_bake.verify import baked_settings
-    from cosmic_bake.verify import verify as verify_models
+    from cosmic_bake.verify import add_weight_check, baked_settings
+    from cosmic_bake.verify_weights import weight_check
 
     d = Direction.load(direction)
     settings = baked_settings(str(baked))
     if settings is not None:
         d = d.with_mode(*settings)
-    texts = verify_prompts(prompts, column, limit)
+
+    report = _verify_logits(
+        original, baked, d, verify_prompts(prompts, column, limit), dtype, chat_template, system_prompt, batch_size
+    )
+    return add_weight_check(report, weight_check(original, baked, d))
+
+
+def _verify_logits(original, baked, d, texts, dtype, chat_template, system_prompt, batch_size):
+    """The logit comparison of :func:`verify`, by the baked output's kind."""
+    from cosmic_bake.verify import verify as verify_models
+
     a, arch, fmt = load(original, dtype, chat_template, system_prompt)
     baked = Path(baked)
     if baked.is_dir() and (baked / "adapter_config.json").is_file():  # a LoRA folder: base + PEFT adapter

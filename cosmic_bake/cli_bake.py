@@ -203,6 +203,11 @@ def _bake_gguf(model, run_dir, out, outtype, edited_type, always, embeddings, fo
         )
 
 
+def _num(x: float | None) -> str:
+    """A figure of the JSON report (None stands for a non-finite number there)."""
+    return "inf" if x is None else f"{x:.3g}"
+
+
 @click.command("verify")
 @click.argument("original")
 @click.argument("baked")
@@ -273,6 +278,14 @@ def verify_cmd(
         )
     rows.append(("result", "PASS" if report.passed else "FAIL"))
     _table(rows)
+    if report.weights:
+        click.echo("weight-space check (component along the direction, per tensor class):")
+        for row in report.weights["classes"]:
+            click.echo(
+                f"  {row['cls']:<12} {row['stored_type']:<8} {row['n_tensors']:>4} tensors, {row['n_failed']} failed, "
+                f"max residual {_num(row['max_residual'])}, max ratio to rounding {_num(row['max_ratio'])}  "
+                + ("pass" if row["passed"] else "FAIL")
+            )
     for reason in report.reasons:
         click.echo(f"FAIL: {reason}")
     if not report.passed and report.weight_type in ("6-bit", "5-bit", "4-bit", "lower"):

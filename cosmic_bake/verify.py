@@ -66,6 +66,7 @@ class VerifyReport:
     ratio_max: float = RATIO_MAX
     unedited_reference: dict | None = None  # which unedited file was measured (GGUF)
     reasons: list[str] = field(default_factory=list)  # why it failed, one line each
+    weights: dict | None = None  # the prompt-free weight-space check (verify_weights.WeightCheck.to_dict)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -137,6 +138,19 @@ def judge(
 def _hook(direction: Direction | torch.Tensor) -> Intervention:
     """The hook a model baked from ``direction`` equals (a bare tensor: removal)."""
     return direction.hook() if isinstance(direction, Direction) else Intervention.remove(direction)
+
+
+def add_weight_check(report: VerifyReport, check) -> VerifyReport:
+    """Fold a :class:`~cosmic_bake.verify_weights.WeightCheck` (or None: nothing to check) into ``report``."""
+    if check is None:
+        return report
+    report.weights = check.to_dict()
+    failed = [r for r in check.rows if not r.passed]
+    if failed:
+        names = ", ".join(f"{r.cls} ({r.stored_type}, max residual {r.max_residual:.3g})" for r in failed)
+        report.reasons.append(f"weight-space check: the stored weights do not carry the edit in {names}")
+        report.passed = False
+    return report
 
 
 def baked_settings(baked: str) -> tuple[str, float] | None:
