@@ -90,11 +90,10 @@ def wide_factory(tmp_path_factory):
         key = (arch, tuple(sorted(kw.items())))
         if key not in cache:
             with pytest.MonkeyPatch.context() as mp:
-                mp.setattr(tiny_models, "HIDDEN_SIZE", 256)
-                mp.setattr(tiny_models, "INTERMEDIATE_SIZE", 256)
                 mp.setattr(tiny_models, "NUM_HEADS", 16)
                 mp.setattr(tiny_models, "NUM_KV_HEADS", 4)
-                cache[key] = tiny_models.make_tiny_model(arch, tmp_path_factory.mktemp(f"wide_{arch}"), **kw)
+                folder = tmp_path_factory.mktemp(f"wide_{arch}")
+                cache[key] = tiny_models.make_tiny_model(arch, folder, hidden_size=256, intermediate_size=256, **kw)
         return cache[key]
 
     return make
