@@ -228,7 +228,8 @@ def check_target(
             )
         return real
     if not force:
-        raise CosmicBakeError(f"{target} already exists", "pass --force to replace it, or choose another -o path")
+        shown = target if real.exists() else gguf_manifest_path(Path(target))  # a GGUF's leftover manifest
+        raise CosmicBakeError(f"{shown} already exists", "pass --force to replace it, or choose another -o path")
     problem = {"folder": _foreign_folder, "gguf": _foreign_gguf, "json": _foreign_report}[kind](real)
     if problem:
         raise CosmicBakeError(f"{target} {problem}", FORCE_FIX)

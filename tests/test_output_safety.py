@@ -332,11 +332,16 @@ def test_force_replaces_an_empty_folder_then_its_own_output(world, cmd):
     assert leftovers == [], leftovers  # no temporary or moved-aside names left behind
 
 
-def test_run_into_an_empty_folder_works(world):
+def test_run_into_an_empty_folder_works_and_fresh_replaces_only_what_it_wrote(world):
     target = world.out / "run"
     target.mkdir()
     succeeded(invoke(command("run", world, target)))
     assert (target / "model" / "manifest.json").is_file() and (target / "summary.json").is_file()
+    (target / "model" / "my-notes.md").write_text("keep", encoding="utf-8")  # the user adds a file to an export
+    before = tree_state(target / "model")
+    text = refused(invoke([*command("run", world, target), "--fresh"]))  # bake's --force meets the user's file
+    assert "did not write (my-notes.md)" in text
+    assert tree_state(target / "model") == before
 
 
 # --------------------------------------------------------------------------------------------
