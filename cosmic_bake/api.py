@@ -13,6 +13,8 @@ commands do (same defaults, same files, same errors):
 
 from __future__ import annotations
 
+import os
+from collections.abc import Iterable
 from pathlib import Path
 
 from cosmic_bake.errors import CosmicBakeError
@@ -93,17 +95,27 @@ def select(
     batch_size: int = 32,
     force: bool = False,
     loaded=None,
+    inputs: Iterable[str | os.PathLike] = (),
 ) -> Path:
     """Choose a direction with COSMIC (or the refusal-score baseline) and write the run folder ``out``.
 
     ``loaded`` reuses a ``load(...)`` result. Returns ``out``; its ``selection.json`` holds every
-    candidate's scores and its ``direction.safetensors`` the artifact ``bake`` reads.
+    candidate's scores and its ``direction.safetensors`` the artifact ``bake`` reads. ``out`` may
+    not be, contain or lie inside the model or a prompt / template file; ``inputs`` adds paths
+    this call cannot see (the CLI's system prompt @FILE). ``force`` replaces only an earlier
+    cosmic-bake output or an empty folder (:func:`cosmic_bake.outputs.check_target`).
     """
-    from cosmic_bake.outputs import check_target
+    from cosmic_bake.model.loading import model_inputs
+    from cosmic_bake.outputs import check_target, file_inputs
     from cosmic_bake.run_select import run_select
 
     out = Path(out)
-    check_target(out, force=force)
+    inputs = [
+        *model_inputs(model),
+        *file_inputs(harmful, harmless, harmful_val, harmless_val, chat_template),
+        *inputs,
+    ]
+    check_target(out, force=force, inputs=inputs)
     if alphas and mode != "affine":
         raise CosmicBakeError("--alphas applies to --mode affine", "drop --alphas, or select with --mode affine")
     sets = prompt_sets(harmful, harmless, harmful_val, harmless_val, column, limit, limit_val)
@@ -119,6 +131,7 @@ def select(
         batch_size=batch_size,
         kl_threshold=kl_threshold,
         force=force,
+        inputs=inputs,
         alphas=alphas,
         max_harmless_refusal=max_harmless_refusal,
         eval_layers=eval_layers,
@@ -148,19 +161,26 @@ def bake(model: str, direction: str | Path, out: str | Path, *, format: str = "h
 
     ``options`` are the bake command's: ``embeddings``, ``force``, ``allow_mismatch``, ``mode``,
     ``alpha``, and ``max_shard_size`` (hf) or ``outtype``, ``edited_type``, ``edited_type_always``
-    (gguf). Returns the :class:`~cosmic_bake.bake.BakeReport` (hf) or the GGUF bake's record.
+    (gguf), and ``inputs`` (more paths ``out`` must keep clear of, besides the model and the
+    direction). Returns the :class:`~cosmic_bake.bake.BakeReport` (hf) or the GGUF bake's record.
     """
+    from cosmic_bake.model.loading import model_inputs
+    from cosmic_bake.outputs import check_target
+
+    inputs = [*model_inputs(model), *([direction] if isinstance(direction, str | os.PathLike) else [])]
+    inputs += list(options.pop("inputs", ()))
     if format == "gguf":
         from cosmic_bake.export_gguf import bake_to_gguf
 
-        return bake_to_gguf(model, Path(direction), Path(out), **options)
+        return bake_to_gguf(model, Path(direction), Path(out), inputs=inputs, **options)
     if format != "hf":
         raise CosmicBakeError(f"unknown format '{format}'", "use hf or gguf")
     from cosmic_bake.bake import bake_folder
     from cosmic_bake.model.loading import source_folder
 
+    check_target(out, force=options.get("force", False), inputs=inputs)  # before a GGUF source is dequantized
     source, folder = source_folder(model)
-    return bake_folder(folder, direction, out, source=source, **options)
+    return bake_folder(folder, direction, out, source=source, inputs=inputs, **options)
 
 
 def verify_prompts(prompts: str | None = None, column: str | None = None, limit: int | None = None) -> list[str]:
@@ -274,11 +294,13 @@ def export_lora(
     gguf: bool = True,
     force: bool = False,
     allow_mismatch: bool = False,
+    inputs: Iterable[str | os.PathLike] = (),
 ) -> dict:
     """Write the removal edit as LoRA adapters: a PEFT folder (and ``adapter.gguf`` for llama.cpp).
 
     The base stays as it is: load it and apply the adapter (``PeftModel.from_pretrained``, or
     llama.cpp ``--lora OUT/adapter.gguf`` on the base GGUF). Returns what was written, with sizes.
+    ``out`` follows the output rule against the model, the direction and ``inputs``.
     """
     import torch
 
@@ -286,19 +308,19 @@ def export_lora(
     from cosmic_bake.bake import _check_direction
     from cosmic_bake.export import lora
     from cosmic_bake.export.card import lora_card
-    from cosmic_bake.outputs import atomic_dir, manifest, source_record
+    from cosmic_bake.model.loading import model_inputs
+    from cosmic_bake.outputs import atomic_dir, check_target, manifest, source_record
     from cosmic_bake.run_select import model_hash
 
     out = Path(out)
+    inputs = [*model_inputs(model), direction, *inputs]
+    check_target(out, force=force, inputs=inputs)
     d = Direction.load(direction)
     if d.mode != "ablate":
         raise CosmicBakeError(
             f"a LoRA carries linear removal only, not the '{d.mode}' edit's constant",
             "bake the full model (--format hf or gguf) for add / affine",
         )
-    from cosmic_bake.outputs import check_target
-
-    check_target(out, force=force)
     lm, arch, _ = load(model)
     src = source_record(lm.source)
     _check_direction(d, arch.d_model, model_hash(src), allow_mismatch)
@@ -315,7 +337,7 @@ def export_lora(
             "no llama.cpp adapter: the model ties its output head to the token embedding, which a llama.cpp "
             "LoRA cannot edit separately; bake a GGUF instead (--format gguf)"
         )
-    with atomic_dir(out, force=force) as tmp:
+    with atomic_dir(out, force=force, inputs=inputs) as tmp:
         lora.write_peft(factors, tmp, base_model)
         if gguf:
             gguf_arch = _gguf_architecture(lm.source, arch.model_type)

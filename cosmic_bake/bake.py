@@ -33,10 +33,11 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import json
+import os
 import shutil
 import time
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -488,6 +489,7 @@ def bake_folder(
     source=None,
     mode: str | None = None,
     alpha: float | None = None,
+    inputs: Iterable[str | os.PathLike] = (),
 ) -> BakeReport:
     """Bake linear removal of ``direction`` into the safetensors model in ``source_folder``; write ``out``.
 
@@ -499,6 +501,8 @@ def bake_folder(
     the artifact's (``ablate``, ``add``, ``affine``; see :func:`~cosmic_bake.model.hooks.baked_hook`
     for the hook each equals, :mod:`cosmic_bake.bake_constant` for where the constant goes).
     Returns a :class:`BakeReport`; its ``warnings`` say when the result differs from the hook.
+    ``out`` may not be, contain or lie inside the source, the direction or ``inputs``; ``force``
+    replaces only an earlier cosmic-bake output (:func:`cosmic_bake.outputs.check_target`).
     """
     from cosmic_bake.model.loading import ModelSource
     from cosmic_bake.run_select import model_hash
@@ -508,7 +512,10 @@ def bake_folder(
     out = Path(out)
     if not (folder / "config.json").is_file():
         raise CosmicBakeError(f"{folder} has no config.json", "pass a transformers model folder or a .gguf file")
-    check_target(out, force=force, protect=[folder] + ([source.path] if getattr(source, "path", None) else []))
+    inputs = [folder, *([source.path] if getattr(source, "path", None) else []), *inputs]
+    if not isinstance(direction, Direction):
+        inputs.append(Path(direction))
+    check_target(out, force=force, inputs=inputs)
     d, scores = _load_direction(direction)
     d = d.with_mode(mode, alpha)
     config = _load_config(folder)
@@ -550,7 +557,7 @@ def bake_folder(
     r_hat = unit(d.direction.double())
     vectors = edit_vectors(plan, listing, r_hat)
     timings = {"plan": time.perf_counter() - t0}
-    with atomic_dir(out, force=force, protect=[folder]) as tmp:
+    with atomic_dir(out, force=force, inputs=inputs) as tmp:
         t = time.perf_counter()
         coeff = -d.alpha if d.mode == "scale" else 1.0
         shards = shard_sources(plan, listing, vectors, constant, coeff)

@@ -10,7 +10,14 @@ from pathlib import Path
 import click
 
 from cosmic_bake import __version__
-from cosmic_bake.cli_options import common_options, eval_sets, parse_eval_layers, selection_options, training_sets
+from cosmic_bake.cli_options import (
+    cli_inputs,
+    common_options,
+    eval_sets,
+    parse_eval_layers,
+    selection_options,
+    training_sets,
+)
 from cosmic_bake.errors import CosmicBakeError
 from cosmic_bake.model.builtin import BUILTIN_MODELS, DEFAULT_MODEL
 
@@ -100,7 +107,7 @@ def models_cmd() -> None:
     help="--mode affine: sweep these alphas on the validation prompts and record the safest (e.g. 0.5,1,2).",
 )
 @click.option("--max-harmless-refusal", default=0.05, show_default=True, type=click.FloatRange(0, 1))
-@click.option("--force", is_flag=True, help="Replace an existing output folder.")
+@click.option("--force", is_flag=True, help="Replace an earlier cosmic-bake output (or an empty folder) at -o.")
 @common_options
 def select_cmd(
     model,
@@ -128,9 +135,11 @@ def select_cmd(
     """Choose a refusal direction and its layer with COSMIC; write RUN_DIR."""
     from cosmic_bake.api import prompt_sets, select
     from cosmic_bake.cli_sweep import parse_alphas
+    from cosmic_bake.model.loading import model_inputs
     from cosmic_bake.outputs import check_target
 
-    check_target(out, force=force)
+    inputs = [*model_inputs(model), *cli_inputs(harmful, harmless, harmful_val, harmless_val, chat_template)]
+    check_target(out, force=force, inputs=inputs)
     alpha_list = parse_alphas(alphas)
     if alpha_list and mode != "affine":
         raise CosmicBakeError("--alphas applies to --mode affine", "drop --alphas, or select with --mode affine")
@@ -159,6 +168,7 @@ def select_cmd(
         batch_size=batch_size,
         force=force,
         loaded=loaded,
+        inputs=inputs,
     )
     result = json.loads((out / "selection.json").read_text(encoding="utf-8"))
     pos, layer = result["chosen"]["position"], result["chosen"]["layer"]
@@ -205,7 +215,7 @@ def select_cmd(
     help="auto: llama.cpp for a .gguf file without a hook (much faster on CPU), else transformers.",
 )
 @click.option("-o", "--output", "out", default=None, type=click.Path(path_type=Path), help="JSON report to write.")
-@click.option("--force", is_flag=True)
+@click.option("--force", is_flag=True, help="Replace an earlier cosmic-bake report at -o.")
 @common_options
 def eval_cmd(
     model,
@@ -234,11 +244,13 @@ def eval_cmd(
     from cosmic_bake.artifacts import Direction
     from cosmic_bake.evaluate import evaluate
     from cosmic_bake.model.hooks import Intervention
-    from cosmic_bake.outputs import check_target, write_json
+    from cosmic_bake.model.loading import model_inputs
+    from cosmic_bake.outputs import check_target, write_report
     from cosmic_bake.prompts import load_prompts
 
+    inputs = [*model_inputs(model), *model_inputs(kl_against), *cli_inputs(run_dir, harmful, harmless, chat_template)]
     if out is not None:
-        check_target(out, force=force)
+        check_target(out, force=force, inputs=inputs, kind="json")
     kind = intervention or ("remove" if run_dir else "none")
     if kind != "none" and run_dir is None:
         raise CosmicBakeError(f"--intervention {kind} needs a direction", "pass --direction RUN_DIR")
@@ -286,13 +298,12 @@ def eval_cmd(
         ]
     )
     if out is not None:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        tmp = out.with_name(f".{out.name}.partial")
-        write_json(
-            tmp,
+        write_report(
+            out,
             {"model": model, "direction": str(run_dir) if run_dir else None, **summary, "completions": rep.completions},
+            force=force,
+            inputs=inputs,
         )
-        tmp.replace(out)
         click.echo(f"  written           {out}")
     else:
         click.echo(json.dumps(summary))

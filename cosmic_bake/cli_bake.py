@@ -13,7 +13,7 @@ from pathlib import Path
 
 import click
 
-from cosmic_bake.cli_options import system_prompt_option
+from cosmic_bake.cli_options import cli_inputs, system_prompt_option
 from cosmic_bake.errors import CosmicBakeError
 from cosmic_bake.export.ggml_quant import EDITED_TYPES, FILE_TYPES
 
@@ -47,7 +47,7 @@ def _table(rows: list[tuple[str, str]]) -> None:
     show_default=True,
     help="Edit the token embedding (untying a tied output head), or leave it alone (differs from the hook).",
 )
-@click.option("--force", is_flag=True, help="Replace an existing output folder.")
+@click.option("--force", is_flag=True, help="Replace an earlier cosmic-bake output (or an empty folder) at -o.")
 @click.option("--max-shard-size", default=None, help="Reshard the output (e.g. 2GB); default: the source's shards.")
 @click.option("--allow-mismatch", is_flag=True, help="Bake a direction selected on a different model file.")
 @click.option(
@@ -93,14 +93,17 @@ def bake_cmd(
 ) -> None:
     """Bake the refusal direction of RUN_DIR into MODEL's weights; write a model folder (hf) or file (gguf)."""
     from cosmic_bake.api import bake
+    from cosmic_bake.model.loading import model_inputs
     from cosmic_bake.outputs import check_target
 
+    inputs = [*model_inputs(model), *cli_inputs(run_dir)]
+    check_target(out, force=force, inputs=inputs, kind="gguf" if out_format == "gguf" else "folder")
     if out_format == "lora":
         from cosmic_bake.api import export_lora
 
         if outtype is not None or (mode not in (None, "ablate")):
             raise CosmicBakeError("--format lora carries linear removal only", "drop --outtype / --mode")
-        done = export_lora(model, run_dir, out, force=force, allow_mismatch=allow_mismatch)
+        done = export_lora(model, run_dir, out, force=force, allow_mismatch=allow_mismatch, inputs=inputs)
         click.echo(f"LoRA adapters for {model}: {done['modules']} modules (rank 1)")
         _table(
             [(name, f"{size / 2**20:.2f} MiB") for name, size in sorted(done["bytes"].items())]
@@ -120,11 +123,11 @@ def bake_cmd(
             allow_mismatch,
             mode,
             alpha,
+            inputs,
         )
         return
     if outtype is not None:
         raise CosmicBakeError("--outtype applies to --format gguf", "drop --outtype, or pass --format gguf")
-    check_target(out, force=force)
     report = bake(
         model,
         run_dir,
@@ -135,6 +138,7 @@ def bake_cmd(
         allow_mismatch=allow_mismatch,
         mode=mode,
         alpha=alpha,
+        inputs=inputs,
     )
     click.echo(f"baked {model} ({report.model_type}, {report.n_layers} layers, d={report.d_model})")
     edits = ", ".join(f"{n} {k}" for k, n in sorted(report.edits.items()))
@@ -154,7 +158,9 @@ def bake_cmd(
         click.echo(f"warning: {warning}", err=True)
 
 
-def _bake_gguf(model, run_dir, out, outtype, edited_type, always, embeddings, force, allow_mismatch, mode, alpha):
+def _bake_gguf(
+    model, run_dir, out, outtype, edited_type, always, embeddings, force, allow_mismatch, mode, alpha, inputs
+):
     from cosmic_bake.api import bake as bake_model
     from cosmic_bake.export_gguf import manifest_path
     from cosmic_bake.verify import gguf_class
@@ -172,6 +178,7 @@ def _bake_gguf(model, run_dir, out, outtype, edited_type, always, embeddings, fo
         allow_mismatch=allow_mismatch,
         mode=mode,
         alpha=alpha,
+        inputs=inputs,
     )
     click.echo(f"baked {model} -> {out} ({bake['route']}, {bake.get('architecture', '')})")
     rows = [("tensors", ", ".join(f"{n} {k}" for k, n in sorted(bake["edits"].items())))]
@@ -216,19 +223,24 @@ def _num(x: float | None) -> str:
 @click.option("--column", default=None, help="Column holding the prompt in csv/parquet/json sets.")
 @click.option("--limit", default=None, type=click.IntRange(1), help="Use at most N prompts (per built-in set).")
 @click.option("-o", "--output", "out", default=None, type=click.Path(path_type=Path), help="JSON report to write.")
+@click.option("--force", is_flag=True, help="Replace an earlier cosmic-bake report at -o.")
 @click.option("--chat-template", default=None, help="Jinja template or format string with {instruction}.")
 @system_prompt_option
 @click.option("--dtype", default="float32", show_default=True, type=click.Choice(["float32", "bfloat16", "float16"]))
 @click.option("--batch-size", default=8, show_default=True, type=click.IntRange(1, 4096))
 def verify_cmd(
-    original, baked, run_dir, prompts_file, column, limit, out, chat_template, system_prompt, dtype, batch_size
+    original, baked, run_dir, prompts_file, column, limit, out, force, chat_template, system_prompt, dtype, batch_size
 ) -> None:
     """Compare BAKED with ORIGINAL + the removal hook; exit 1 if outside tolerance."""
     from cosmic_bake.api import verify
     from cosmic_bake.artifacts import Direction
-    from cosmic_bake.outputs import write_json
+    from cosmic_bake.model.loading import model_inputs
+    from cosmic_bake.outputs import check_target, write_report
     from cosmic_bake.verify import baked_settings
 
+    inputs = [*model_inputs(original), *model_inputs(baked), *cli_inputs(run_dir, prompts_file, chat_template)]
+    if out is not None:
+        check_target(out, force=force, inputs=inputs, kind="json")
     report = verify(
         original,
         baked,
@@ -293,8 +305,8 @@ def verify_cmd(
             "hint: coarse types round part of the edit away; bake with --edited-type-always or a finer --outtype"
         )
     if out is not None:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        write_json(out, {"original": original, "baked": baked, "direction": str(run_dir), **report.to_dict()})
+        data = {"original": original, "baked": baked, "direction": str(run_dir), **report.to_dict()}
+        write_report(out, data, force=force, inputs=inputs)
         click.echo(f"  written            {out}")
     if not report.passed:
         sys.exit(1)

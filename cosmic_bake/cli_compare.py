@@ -6,7 +6,7 @@ from pathlib import Path
 
 import click
 
-from cosmic_bake.cli_options import common_options, parse_eval_layers, selection_options, training_sets
+from cosmic_bake.cli_options import cli_inputs, common_options, parse_eval_layers, selection_options, training_sets
 from cosmic_bake.model.builtin import DEFAULT_MODEL
 
 
@@ -27,18 +27,21 @@ from cosmic_bake.model.builtin import DEFAULT_MODEL
 @click.option("--limit-eval-harmful", default=None, type=click.IntRange(1))
 @click.option("--limit-eval-harmless", default=100, show_default=True, type=click.IntRange(1))
 @click.option("--max-new-tokens", default=64, show_default=True, type=click.IntRange(1))
-@click.option("--force", is_flag=True, help="Replace an existing output folder.")
+@click.option("--force", is_flag=True, help="Replace an earlier cosmic-bake output (or an empty folder) at -o.")
 @common_options
 def compare_cmd(model, out, mode, force, **opts) -> None:
     """Run COSMIC and the refusal-score selector on the same prompts and compare their directions."""
     from cosmic_bake.api import prompt_sets
     from cosmic_bake.cli import _load
     from cosmic_bake.compare import compare, write_comparison
+    from cosmic_bake.model.loading import model_inputs
     from cosmic_bake.outputs import atomic_dir, check_target, manifest, source_record
     from cosmic_bake.prompts import load_prompts
 
-    check_target(out, force=force)
     o = opts
+    files = ("harmful", "harmless", "harmful_val", "harmless_val", "eval_harmful", "eval_harmless", "chat_template")
+    inputs = [*model_inputs(model), *cli_inputs(*(o[k] for k in files))]
+    check_target(out, force=force, inputs=inputs)
     keys = ("harmful", "harmless", "harmful_val", "harmless_val", "column", "limit", "limit_val")
     sets = prompt_sets(**{k: o[k] for k in keys})
     bad = load_prompts(o["eval_harmful"], o["column"], limit=o["limit_eval_harmful"])
@@ -59,7 +62,7 @@ def compare_cmd(model, out, mode, force, **opts) -> None:
         max_new_tokens=o["max_new_tokens"],
     )
     title = f"Selectors compared on {model}" + (" (system prompt set)" if o["system_prompt"] is not None else "")
-    with atomic_dir(out, force=force) as tmp:
+    with atomic_dir(out, force=force, inputs=inputs) as tmp:
         write_comparison(result, tmp, title)
         manifest(
             tmp,

@@ -10,10 +10,29 @@ SYSTEM_PROMPT_HELP = (
 )
 
 
-def _read_system_prompt(_ctx, _param, value):
-    from cosmic_bake.model.chat import read_system_prompt
+INPUT_FILES = "cosmic_bake.input_files"  # ctx.meta key: files option callbacks read (for the output rule)
 
+
+def _read_system_prompt(ctx, _param, value):
+    """Read the prompt's text now; remember an @FILE / preset file as an input the output may not touch."""
+    from cosmic_bake.model.chat import read_system_prompt
+    from cosmic_bake.outputs import file_inputs
+
+    if value is not None and value.startswith(("@", "preset:")):
+        ctx.meta.setdefault(INPUT_FILES, []).extend(file_inputs(value))
     return read_system_prompt(value)
+
+
+def cli_inputs(*values) -> list:
+    """The local inputs a command names: files/folders in ``values`` and the files its callbacks read.
+
+    ``values`` are option values as given (model specs go through ``model_inputs``); the system
+    prompt's @FILE arrives here as text, so its callback records the path in ``ctx.meta``.
+    """
+    from cosmic_bake.outputs import file_inputs
+
+    ctx = click.get_current_context(silent=True)
+    return [*file_inputs(*values), *(ctx.meta.get(INPUT_FILES, []) if ctx is not None else [])]
 
 
 def system_prompt_option(f):

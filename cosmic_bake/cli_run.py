@@ -27,23 +27,33 @@ def run_cmd(recipe_file, out, model, overrides, fresh) -> None:
     """Select, bake, export, verify and evaluate as RECIPE_FILE says; resumable."""
     from cosmic_bake.cli import cli
     from cosmic_bake.export.card import CARD_FILE, card_with_results
-    from cosmic_bake.outputs import manifest, write_json
+    from cosmic_bake.outputs import TOOL, check_target, manifest, write_json, write_text
     from cosmic_bake.recipe import load_recipe
-    from cosmic_bake.run_recipe import execute, exit_code, invoke_cli, plan_steps, summarize, summary_markdown
+    from cosmic_bake.run_recipe import (
+        execute,
+        exit_code,
+        invoke_cli,
+        plan_steps,
+        run_inputs,
+        summarize,
+        summary_markdown,
+    )
 
     recipe = load_recipe(recipe_file, [*overrides, *([f'model="{model}"'] if model else [])])
     out = (out or Path(recipe.output or Path("runs") / Path(recipe_file).stem)).resolve()
     commands = {name: cli.commands[name] for name in ("select", "bake", "verify", "eval")}
     steps = plan_steps(recipe, out, commands)
+    # the run folder is resumed in place, never replaced; each step's own -o is checked by its command
+    check_target(out, force=True, inputs=run_inputs(recipe, recipe_file), kind="run")
     click.echo(f"run {recipe_file} -> {out} ({len(steps)} steps, model {recipe.model})")
     results = execute(recipe, steps, out, invoke_cli, fresh=fresh)
     summary = summarize(out, results)
     text = summary_markdown(recipe, summary)
-    (out / "summary.md").write_text(text, encoding="utf-8")
-    write_json(out / "summary.json", summary)
+    write_text(out / "summary.md", text)
+    write_json(out / "summary.json", {"tool": TOOL, **summary})
     card = out / "model" / CARD_FILE
     if card.is_file():
-        (out / "card.md").write_text(card_with_results(card.read_text(encoding="utf-8"), summary["rows"]))
+        write_text(out / "card.md", card_with_results(card.read_text(encoding="utf-8"), summary["rows"]))
     manifest(
         out,
         stage="run",

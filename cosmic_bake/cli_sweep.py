@@ -6,7 +6,7 @@ from pathlib import Path
 
 import click
 
-from cosmic_bake.cli_options import common_options, eval_sets
+from cosmic_bake.cli_options import cli_inputs, common_options, eval_sets
 from cosmic_bake.errors import CosmicBakeError
 
 
@@ -29,7 +29,7 @@ def parse_alphas(text: str | None) -> list[float]:
 @eval_sets
 @click.option("--max-harmless-refusal", default=0.05, show_default=True, type=click.FloatRange(0, 1))
 @click.option("-o", "--output", "out", required=True, type=click.Path(path_type=Path), help="Folder to write.")
-@click.option("--force", is_flag=True)
+@click.option("--force", is_flag=True, help="Replace an earlier cosmic-bake output (or an empty folder) at -o.")
 @common_options
 def sweep_cmd(
     model,
@@ -53,12 +53,14 @@ def sweep_cmd(
     """Evaluate the baked form of a steering edit at each alpha; pick the safest within the harmless cap."""
     from cosmic_bake.artifacts import Direction
     from cosmic_bake.cli import _echo_kv, _load
+    from cosmic_bake.model.loading import model_inputs
     from cosmic_bake.outputs import atomic_dir, check_target, manifest, source_record
     from cosmic_bake.prompts import load_prompts
     from cosmic_bake.sweep import sweep, write_sweep
 
     values = parse_alphas(alphas)
-    check_target(out, force=force)
+    inputs = [*model_inputs(model), *cli_inputs(run_dir, harmful, harmless, chat_template)]
+    check_target(out, force=force, inputs=inputs)
     d = Direction.load(run_dir)
     bad = load_prompts(harmful, column, limit=limit_harmful)
     good = load_prompts(harmless, column, limit=limit_harmless)
@@ -76,7 +78,7 @@ def sweep_cmd(
         batch_size=min(batch_size, 32),
         max_harmless_refusal=max_harmless_refusal,
     )
-    with atomic_dir(out, force=force) as tmp:
+    with atomic_dir(out, force=force, inputs=inputs) as tmp:
         write_sweep(result, tmp, f"{mode} sweep, {model}")
         manifest(
             tmp,

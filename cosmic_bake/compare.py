@@ -194,12 +194,10 @@ def compare(
 
 def write_comparison(result: Comparison, folder: Path, title: str) -> None:
     """``compare.json``, ``compare.md``, ``compare.png``, each direction and each eval report."""
-    import json
-
-    from cosmic_bake.outputs import write_json
+    from cosmic_bake.outputs import TOOL, write_json
     from cosmic_bake.plots import plot_comparison
 
-    write_json(folder / "compare.json", result.to_dict())
+    write_json(folder / "compare.json", {"tool": TOOL, **result.to_dict()})
     (folder / "compare.md").write_text(result.markdown(title), encoding="utf-8")
     rows = [r for r in result.rows if r.harmful_refusal_rate is not None]
     plot_comparison(
@@ -217,6 +215,4 @@ def write_comparison(result: Comparison, folder: Path, title: str) -> None:
         sub.mkdir()
         d.save(sub)
     for name, rep in result.reports.items():
-        (folder / f"eval_{name}.json").write_text(
-            json.dumps({**rep.summary(), "completions": rep.completions}, indent=2) + "\n", encoding="utf-8"
-        )
+        write_json(folder / f"eval_{name}.json", {"tool": TOOL, **rep.summary(), "completions": rep.completions})

@@ -13,6 +13,7 @@ from __future__ import annotations
 import os
 import tempfile
 import time
+from collections.abc import Iterable
 from pathlib import Path
 
 from cosmic_bake.artifacts import Direction
@@ -49,7 +50,9 @@ def _manifest(out: Path, written: Path, record: dict, d: Direction, scores: dict
 
 def manifest_path(out: Path) -> Path:
     """The manifest written beside a baked GGUF file: ``OUT.gguf.manifest.json``."""
-    return out.with_name(out.name + ".manifest.json")
+    from cosmic_bake.outputs import gguf_manifest_path
+
+    return gguf_manifest_path(out)
 
 
 def bake_to_gguf(
@@ -65,33 +68,38 @@ def bake_to_gguf(
     allow_mismatch: bool = False,
     mode: str | None = None,
     alpha: float | None = None,
+    inputs: Iterable[str | os.PathLike] = (),
 ) -> dict:
     """Bake ``run_dir``'s direction into ``model`` and write ``out`` (a .gguf file) plus its manifest.
 
     ``outtype`` None keeps a GGUF source's tensor types (only edited tensors are re-quantized);
-    for other sources it means f16. Returns the bake section of the manifest.
+    for other sources it means f16. Returns the bake section of the manifest. ``out`` (and its
+    manifest) may not be, contain or lie inside the model, ``run_dir`` or ``inputs``; ``force``
+    replaces only a GGUF that cosmic-bake baked (:func:`cosmic_bake.outputs.check_target`).
     """
     from cosmic_bake.bake import _check_direction, _load_direction
-    from cosmic_bake.model.loading import resolve, source_folder
-    from cosmic_bake.outputs import check_target, source_record, write_json
+    from cosmic_bake.model.loading import model_inputs, resolve, source_folder
+    from cosmic_bake.outputs import check_target, replace_file, source_record, write_json
     from cosmic_bake.run_select import model_hash
 
     out = Path(out)
+    inputs = [*model_inputs(model), Path(run_dir), *inputs]
+    real = check_target(out, force=force, inputs=inputs, kind="gguf")
     if out.suffix.lower() != ".gguf":
         raise CosmicBakeError(f"-o {out} does not end in .gguf", "name the output file like model-baked.gguf")
     if outtype is not None:
         ggml_quant.file_type(outtype)
     ggml_quant.tensor_type(edited_type)
     source = resolve(model)
-    check_target(out, force=force, protect=[p for p in [getattr(source, "path", None)] if p])
+    inputs += [source.path] if source.path is not None else []
     d, scores = _load_direction(run_dir)
     d = d.with_mode(mode, alpha)
     record = source_record(source)
     shash = model_hash(record)
     _check_direction(d, d.direction.numel(), shash, allow_mismatch)
     t0 = time.perf_counter()
-    tmp = temp_path(out)
-    tmp_manifest = temp_path(manifest_path(out))
+    tmp = temp_path(real)  # beside the real file (a symlinked -o included): the rename stays on one filesystem
+    tmp_manifest = temp_path(manifest_path(real))
     try:
         if source.kind == "gguf" and outtype is None:
             report = bake_gguf_file(
@@ -110,9 +118,10 @@ def bake_to_gguf(
         bake["embeddings"] = embeddings
         bake["output"] = str(out)
         bake["seconds"] = time.perf_counter() - t0
-        write_json(tmp_manifest, _manifest(out, tmp, record, d, scores, bake))
-        os.replace(tmp_manifest, manifest_path(out))
-        os.replace(tmp, out)
+        write_json(tmp_manifest, _manifest(real, tmp, record, d, scores, bake))
+        real = check_target(out, force=force, inputs=inputs, kind="gguf")  # again: the bake took a while
+        os.replace(tmp_manifest, manifest_path(real))
+        replace_file(tmp, real)
     finally:
         for p in (tmp, tmp_manifest):
             p.unlink(missing_ok=True)

@@ -31,6 +31,7 @@ from cosmic_bake.outputs import read_json
 from cosmic_bake.recipe import Recipe, command_args, model_identity, stamp
 
 STAMPS = ".stamps"
+INPUT_OPTIONS = ("harmful", "harmless", "harmful_val", "harmless_val", "prompts", "chat_template", "system_prompt")
 
 
 @dataclass
@@ -136,6 +137,15 @@ def plan_steps(recipe: Recipe, out: Path, commands: dict[str, click.Command]) ->
     return steps
 
 
+def run_inputs(recipe: Recipe, recipe_file: Path) -> list[Path]:
+    """What the run reads, for the output rule: the recipe, the model and the files its steps name."""
+    from cosmic_bake.model.loading import model_inputs
+    from cosmic_bake.outputs import file_inputs
+
+    values = [v for opts in (recipe.common, *recipe.steps.values()) for k, v in opts.items() if k in INPUT_OPTIONS]
+    return [Path(recipe_file), *model_inputs(recipe.model), *file_inputs(*values)]
+
+
 def _bake_step(export: str) -> str:
     return "bake-hf" if export == "hf" else f"bake-{export}"
 
@@ -182,8 +192,8 @@ def execute(
             continue
         echo(f"{label}: cosmic-bake {step.command} {' '.join(_relative(step.args, out))}")
         argv = [step.command, *step.args]
-        if step.command in ("select", "bake") and any(p.exists() for p in step.outputs):
-            argv.append("--force")  # its inputs changed: replace the stale output (atomically)
+        if step.command in ("select", "bake", "verify") and any(p.exists() for p in step.outputs):
+            argv.append("--force")  # its inputs changed: replace the stale output (only if the run wrote it)
         t = time.perf_counter()
         status = "ran"
         try:

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import os
 import time
+from collections.abc import Iterable
 from pathlib import Path
 
 from cosmic_bake.artifacts import DIRECTION_FILE, SELECTION_FILE, Direction
-from cosmic_bake.outputs import atomic_dir, manifest, source_record, write_json
+from cosmic_bake.outputs import TOOL, atomic_dir, manifest, source_record, write_json
 from cosmic_bake.plots import plot_layer_similarities, plot_score_grids
 from cosmic_bake.select import Selection, select
 
@@ -83,8 +85,11 @@ def run_select(
     max_harmless_refusal: float = 0.05,
     eval_layers: list[int] | float | None = None,
     direction_method: str = "mean",
+    inputs: Iterable[str | os.PathLike] = (),
 ) -> dict:
     """Select, then write ``out`` (nothing is written if selection fails).
+
+    ``out`` follows the output rule (:func:`cosmic_bake.outputs.check_target`) against ``inputs``.
 
     ``alphas`` (steering mode ``affine`` only): after the direction is chosen, sweep them on the
     validation prompts with the baked hook and record the chosen alpha (:mod:`cosmic_bake.sweep`).
@@ -107,7 +112,7 @@ def run_select(
     )
     t = time.perf_counter()
     src = source_record(lm.source)
-    record = selection_record(sel)
+    record = {"tool": TOOL, **selection_record(sel)}
     record["settings"] = {**settings, "batch_size": batch_size, "kl_threshold": kl_threshold}
     pos, layer = sel.chosen
     direction = chosen_direction(sel, lm, fmt)
@@ -133,7 +138,7 @@ def run_select(
         if swept.chosen is not None:
             direction.alpha = swept.chosen
         record["alpha_sweep"] = swept.to_dict()
-    with atomic_dir(out, force=force) as tmp:
+    with atomic_dir(out, force=force, inputs=inputs) as tmp:
         direction.save(tmp)
         if swept is not None:
             from cosmic_bake.sweep import write_sweep

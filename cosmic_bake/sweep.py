@@ -12,7 +12,6 @@ the direction; it only picks the strength of an edit whose direction COSMIC alre
 
 from __future__ import annotations
 
-import json
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -103,9 +102,10 @@ def sweep(
 
 def write_sweep(result: Sweep, folder: Path, title: str) -> None:
     """``sweep.json`` and ``sweep.png`` into ``folder``."""
+    from cosmic_bake.outputs import TOOL, write_json
     from cosmic_bake.plots import plot_metric_sweep
 
-    (folder / "sweep.json").write_text(json.dumps(result.to_dict(), indent=2) + "\n", encoding="utf-8")
+    write_json(folder / "sweep.json", {"tool": TOOL, **result.to_dict()})
     xs = [r.alpha for r in result.rows]
     plot_metric_sweep(
         xs,

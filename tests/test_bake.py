@@ -255,7 +255,7 @@ def test_unknown_mode_is_refused(tiny_model_factory, tmp_path):
 def test_output_inside_source_and_existing_output(tiny_model_factory, tmp_path):
     source = tiny_model_factory("llama", num_layers=4)
     direction = random_direction(source)
-    with pytest.raises(CosmicBakeError, match="inside the source"):
+    with pytest.raises(CosmicBakeError, match="is inside the input"):
         bake_folder(source, direction, source / "baked")
     assert not (source / "baked").exists()
     out = tmp_path / "baked"
@@ -264,8 +264,13 @@ def test_output_inside_source_and_existing_output(tiny_model_factory, tmp_path):
     with pytest.raises(CosmicBakeError, match="already exists"):
         bake_folder(source, direction, out)
     assert (out / "keep.txt").exists()
-    bake_folder(source, direction, out, force=True)
-    assert not (out / "keep.txt").exists() and (out / "model.safetensors").is_file()
+    with pytest.raises(CosmicBakeError, match="not a cosmic-bake output"):  # force replaces only the tool's own
+        bake_folder(source, direction, out, force=True)
+    assert [p.name for p in out.iterdir()] == ["keep.txt"]
+    (out / "keep.txt").unlink()
+    bake_folder(source, direction, out, force=True)  # an empty folder
+    bake_folder(source, direction, out, force=True)  # an earlier bake
+    assert (out / "model.safetensors").is_file()
 
 
 def test_disk_full_mid_write_leaves_nothing(tiny_model_factory, tmp_path, monkeypatch):
@@ -313,7 +318,7 @@ def test_cli_bake_then_verify(tiny_model_factory, tmp_path):
 def test_cli_gguf_format_needs_a_gguf_file_name(tiny_model_factory, tmp_path):
     source = tiny_model_factory("llama", num_layers=4)
     res = CliRunner().invoke(
-        bake_cmd, [str(source), "--direction", str(tmp_path), "--format", "gguf", "-o", str(tmp_path / "x")]
+        bake_cmd, [str(source), "--direction", str(tmp_path / "run"), "--format", "gguf", "-o", str(tmp_path / "x")]
     )
     assert isinstance(res.exception, CosmicBakeError) and "does not end in .gguf" in str(res.exception)
     assert not (tmp_path / "x").exists()

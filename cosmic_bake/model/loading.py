@@ -136,6 +136,44 @@ def _plain_from_gguf(path: Path, dtype: torch.dtype) -> torch.nn.Module:
     return plain.eval()
 
 
+def dequantized_folder(path: Path, dtype: torch.dtype) -> Path:
+    """Where :func:`dequantized_cache` keeps the float copy of a GGUF file (made or not)."""
+    stat = path.stat()
+    key = f"{path.stem}-{stat.st_size}-{int(stat.st_mtime)}-{str(dtype).removeprefix('torch.')}"
+    return cache_dir().parent / "dequantized" / key
+
+
+def model_inputs(spec: str | os.PathLike | None) -> list[Path]:
+    """The local files and folders a model spec is read from, for the output rule; loads nothing.
+
+    A folder or .gguf file is itself (a GGUF also its dequantized copies); a builtin is its cached
+    file; a Hub id is its folder in the Hub cache (even before it is downloaded: an output must
+    not land where the model will be). A spec that names nothing is left to the loader's error.
+    """
+    if spec is None:
+        return []
+    text = str(spec)
+    if text.startswith("builtin:"):
+        from cosmic_bake.model.builtin import BUILTIN_MODELS
+
+        name = text.split(":", 1)[1]
+        if name not in BUILTIN_MODELS:
+            return []
+        path = cache_dir() / BUILTIN_MODELS[name].filename
+    else:
+        path = Path(text).expanduser()
+    if path.is_file() and path.suffix.lower() == ".gguf":
+        return [path, *(dequantized_folder(path, dtype) for dtype in _DTYPES.values())]
+    if path.exists() or text.startswith("builtin:"):
+        return [path]
+    if text.count("/") == 1 and not text.startswith((".", "/", "~")) and not text.endswith(".gguf"):
+        from huggingface_hub.constants import HF_HUB_CACHE
+        from huggingface_hub.file_download import repo_folder_name
+
+        return [Path(HF_HUB_CACHE) / repo_folder_name(repo_id=text.partition("@")[0], repo_type="model")]
+    return []
+
+
 def dequantized_cache(path: Path, dtype: torch.dtype) -> Path:
     """A plain safetensors copy of a GGUF model, made once and reused.
 
@@ -144,9 +182,7 @@ def dequantized_cache(path: Path, dtype: torch.dtype) -> Path:
     to a temporary folder and renamed, so an interrupted run never leaves a folder that looks
     complete. ``COSMIC_BAKE_NO_CACHE=1`` turns it off.
     """
-    stat = path.stat()
-    key = f"{path.stem}-{stat.st_size}-{int(stat.st_mtime)}-{str(dtype).removeprefix('torch.')}"
-    folder = cache_dir().parent / "dequantized" / key
+    folder = dequantized_folder(path, dtype)
     if (folder / "config.json").is_file():
         return folder
     folder.parent.mkdir(parents=True, exist_ok=True)
