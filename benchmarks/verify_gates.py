@@ -7,7 +7,8 @@ the hook. Prints, per file: KL(hook || baked), KL(hook || unedited of the same t
 writes the table as JSON and draws the ratios as a PNG.
 
 Directions: Qwen uses the official COSMIC code's choice (``../shared/reference``: position -2,
-layer 15, the case the issue measured); SmolLM2 runs ``select`` on 32 + 32 built-in prompts.
+layer 15, the case the issue measured); SmolLM2 the difference in means of the residual entering
+layer 8 at the last token over 32 + 32 built-in prompts (``--select`` runs COSMIC instead: minutes).
 
     python benchmarks/verify_gates.py [--models smollm2,qwen] [--limit 8] [--out DIR]
 """
@@ -38,13 +39,18 @@ EXPORTS: list[tuple[str, dict | None]] = [
 ]
 
 
-def reference_run(model: str, out: Path) -> Path:
-    """A run folder holding the official code's chosen Qwen direction (no selection needed)."""
-    from safetensors import safe_open
-
+def source_hash(model: str) -> str:
+    """The hash bake checks a direction against (the model it was selected on)."""
     from cosmic_bake.model.loading import resolve
     from cosmic_bake.outputs import source_record
     from cosmic_bake.run_select import model_hash
+
+    return model_hash(source_record(resolve(model)))
+
+
+def reference_run(model: str, out: Path) -> Path:
+    """A run folder holding the official code's chosen Qwen direction (no selection needed)."""
+    from safetensors import safe_open
 
     with safe_open(str(REFERENCE / "candidates.safetensors"), "pt") as fh:
         meta = fh.metadata()
@@ -60,7 +66,33 @@ def reference_run(model: str, out: Path) -> Path:
         selector="cosmic (official code, reference case)",
         alpha=1.0,
         model_id=model,
-        model_hash=model_hash(source_record(resolve(model))),
+        model_hash=source_hash(model),
+    ).save(out)
+    return out
+
+
+def mean_difference_run(model: str, out: Path, layer: int = 8, n: int = 32) -> Path:
+    """A run folder with the harmful-minus-harmless mean residual at ``layer``'s input, last token."""
+    from cosmic_bake.prompts import load_prompts
+
+    lm, _, fmt = api.load(model)
+    means = []
+    with torch.no_grad():
+        for name in ("builtin:harmful", "builtin:harmless"):
+            batch = fmt.encode(load_prompts(name, limit=n))
+            hidden = lm.model(**batch, use_cache=False, output_hidden_states=True).hidden_states[layer]
+            means.append(hidden[:, -1].double().mean(0))
+    out.mkdir(parents=True, exist_ok=True)
+    Direction(
+        direction=means[0] - means[1],
+        reference=means[1],
+        layer=layer,
+        position=-1,
+        mode="ablate",
+        selector="difference in means (benchmark)",
+        alpha=1.0,
+        model_id=model,
+        model_hash=source_hash(model),
     ).save(out)
     return out
 
@@ -156,6 +188,7 @@ def main() -> None:
     ap.add_argument("--models", default="smollm2,qwen")
     ap.add_argument("--limit", type=int, default=8, help="verify prompts per built-in set")
     ap.add_argument("--out", type=Path, default=Path("runs/verify-gates"))
+    ap.add_argument("--select", action="store_true", help="choose SmolLM2's direction with COSMIC (slow)")
     args = ap.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     torch.set_num_threads(2)
@@ -166,8 +199,10 @@ def main() -> None:
         if not (run / "direction.safetensors").is_file():
             if name == "qwen":
                 reference_run(model, run)
-            else:
+            elif args.select:
                 api.select(model, run, limit=32, limit_val=4)
+            else:
+                mean_difference_run(model, run)
         rows += measure(name, model, run, args.out, args.limit)
     (args.out / "verify_gates.json").write_text(json.dumps(rows, indent=2) + "\n")
     plot(rows, args.out / "verify_gates.png")
