@@ -115,7 +115,7 @@ def measure(name: str, model: str, run: Path, work: Path, limit: int) -> list[di
         if options is None:
             target = resolve(model).path
         else:
-            target = work / f"{name}-{label.strip('-').replace('_', '-')}.gguf"
+            target = work / f"{name}-{label.strip('-').replace('_', '-').replace(' ', '-')}.gguf"
             if not target.exists():
                 api.bake(model, run, target, format="gguf", **options)
         bake_s = time.perf_counter() - t0
@@ -148,11 +148,10 @@ def measure(name: str, model: str, run: Path, work: Path, limit: int) -> list[di
 
 def _line(r: dict) -> str:
     w = r["weights"]
-    wtxt = (
-        "-"
-        if w is None
-        else ("PASS" if w.get("passed") else "FAIL") + f" (max residual {w.get('max_residual', 0):.3f})"
-    )
+    wtxt = "-"
+    if w is not None:
+        worst = max(float("inf") if c["max_residual"] is None else c["max_residual"] for c in w["classes"])
+        wtxt = ("PASS" if w["passed"] else "FAIL") + f" (max residual {worst:.3f})"
     return (
         f"{r['model']:8} {r['file']:22} {r['weight_type']:6} {r['size_mib']:7.1f} MiB  "
         f"KL {r['kl_baked']:.3e}  unedited {r['kl_unedited']:.3e}  ratio {r['ratio']:.3f}  "
