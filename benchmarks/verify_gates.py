@@ -42,9 +42,8 @@ def reference_run(model: str, out: Path) -> Path:
     """A run folder holding the official code's chosen Qwen direction (no selection needed)."""
     from safetensors import safe_open
 
+    from cosmic_bake.artifacts import model_hash, source_record
     from cosmic_bake.model.loading import resolve
-    from cosmic_bake.outputs import source_record
-    from cosmic_bake.run_select import model_hash
 
     with safe_open(str(REFERENCE / "candidates.safetensors"), "pt") as fh:
         meta = fh.metadata()

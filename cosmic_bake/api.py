@@ -212,8 +212,8 @@ def verify(
     :class:`~cosmic_bake.verify.VerifyReport` (``.passed``, KL and logit figures, the relative
     gate against the unedited model, and the prompt-free weight-space check in ``.weights``).
     """
-    from cosmic_bake.artifacts import Direction
-    from cosmic_bake.verify import add_weight_check, baked_settings
+    from cosmic_bake.artifacts import Direction, baked_settings
+    from cosmic_bake.verify import add_weight_check
     from cosmic_bake.verify_weights import weight_check
 
     d = Direction.load(direction)
@@ -304,13 +304,11 @@ def export_lora(
     """
     import torch
 
-    from cosmic_bake.artifacts import Direction
-    from cosmic_bake.bake import _check_direction
+    from cosmic_bake.artifacts import Direction, check_direction, model_hash, source_record
     from cosmic_bake.export import lora
     from cosmic_bake.export.card import lora_card
     from cosmic_bake.model.loading import model_inputs
-    from cosmic_bake.outputs import atomic_dir, check_target, manifest, source_record
-    from cosmic_bake.run_select import model_hash
+    from cosmic_bake.outputs import atomic_dir, check_target, manifest
 
     out = Path(out)
     inputs = [*model_inputs(model), direction, *inputs]
@@ -323,7 +321,7 @@ def export_lora(
         )
     lm, arch, _ = load(model)
     src = source_record(lm.source)
-    _check_direction(d, arch.d_model, model_hash(src), allow_mismatch)
+    check_direction(d, arch.d_model, model_hash(src), allow_mismatch)
     with torch.no_grad():
         factors = lora.removal_factors(arch, d.direction)
     base_model = lm.source.hub_id or lm.source.spec

@@ -44,7 +44,7 @@ from pathlib import Path
 import torch
 
 from cosmic_bake import __version__
-from cosmic_bake.artifacts import SELECTION_FILE, Direction
+from cosmic_bake.artifacts import Direction, check_direction, load_direction, source_record
 from cosmic_bake.bake_constant import ConstantPlacement, place_constant
 from cosmic_bake.errors import CosmicBakeError, first_line
 from cosmic_bake.export import safetensors_io
@@ -66,9 +66,8 @@ from cosmic_bake.export.safetensors_io import (
     write_shards,
 )
 from cosmic_bake.math.projections import project_out_cols_, project_out_rows_, unit
-from cosmic_bake.model.hooks import BAKED_MODES
 from cosmic_bake.model.layout import Layout, model_layout, text_config
-from cosmic_bake.outputs import MANIFEST, atomic_dir, check_target, manifest, read_json, source_record, write_json
+from cosmic_bake.outputs import MANIFEST, atomic_dir, check_target, manifest, write_json
 
 EMBEDDINGS = ("untie", "skip")
 _NOT_COPIED = {CARD_FILE, MANIFEST, INDEX_FILE, "config.json"}
@@ -427,41 +426,6 @@ class BakeReport:
         return asdict(self)
 
 
-def _check_direction(direction: Direction, d_model: int, source_hash: str, allow_mismatch: bool) -> None:
-    if direction.mode == "ace":
-        raise CosmicBakeError(
-            "ACE applied at one layer cannot be carried by weights exactly",
-            "select with --mode affine (its bakeable form), or bake with --mode affine",
-        )
-    if direction.mode not in BAKED_MODES:
-        raise CosmicBakeError(f"cannot bake mode '{direction.mode}'", f"use one of {', '.join(BAKED_MODES)}")
-    size = direction.direction.numel()
-    if direction.direction.ndim != 1 or size != d_model:
-        raise CosmicBakeError(
-            f"the direction has {size} values but the model's hidden size is {d_model}",
-            "use a direction selected on this model",
-        )
-    if direction.model_hash and direction.model_hash != source_hash and not allow_mismatch:
-        raise CosmicBakeError(
-            f"the direction was selected on another model ({direction.model_id or 'unknown'}, "
-            f"hash {direction.model_hash[:12]}) than the one being baked (hash {source_hash[:12]})",
-            "select a direction on this model, or pass --allow-mismatch if it is the same weights in another file",
-        )
-
-
-def _load_direction(direction: Direction | str | Path) -> tuple[Direction, dict | None]:
-    """The direction, and the chosen scores of the selection.json beside it, when given as a path."""
-    if isinstance(direction, Direction):
-        return direction, None
-    path = Path(direction)
-    d = Direction.load(path)
-    sel = (path if path.is_dir() else path.parent) / SELECTION_FILE
-    scores = None
-    if sel.is_file():  # scores are informational: a broken selection.json is one clear line all the same
-        scores = read_json(sel, "re-run select, or restore the run folder's selection.json").get("chosen_scores")
-    return d, scores
-
-
 def _load_config(folder: Path):
     from transformers import AutoConfig
 
@@ -504,8 +468,8 @@ def bake_folder(
     ``out`` may not be, contain or lie inside the source, the direction or ``inputs``; ``force``
     replaces only an earlier cosmic-bake output (:func:`cosmic_bake.outputs.check_target`).
     """
+    from cosmic_bake.artifacts import model_hash
     from cosmic_bake.model.loading import ModelSource
-    from cosmic_bake.run_select import model_hash
 
     t0 = time.perf_counter()
     folder = Path(source_folder)
@@ -516,7 +480,7 @@ def bake_folder(
     if not isinstance(direction, Direction):
         inputs.append(Path(direction))
     check_target(out, force=force, inputs=inputs)
-    d, scores = _load_direction(direction)
+    d, scores = load_direction(direction)
     d = d.with_mode(mode, alpha)
     config = _load_config(folder)
     d_model = int(getattr(text_config(config), "hidden_size", 0) or 0)
@@ -524,7 +488,7 @@ def bake_folder(
     record = source_record(src)
     if src.kind == "gguf":
         record["baked_from"] = str(folder)
-    _check_direction(d, d_model, model_hash(record), allow_mismatch)
+    check_direction(d, d_model, model_hash(record), allow_mismatch)
     listing = list_weights(folder)
     layout = model_layout(config)
     placement = None

@@ -39,8 +39,7 @@ import numpy as np
 import torch
 from gguf import GGMLQuantizationType
 
-from cosmic_bake import __version__
-from cosmic_bake.artifacts import Direction
+from cosmic_bake.artifacts import Direction, gguf_provenance
 from cosmic_bake.errors import CosmicBakeError
 from cosmic_bake.export import ggml_quant
 from cosmic_bake.export.gguf_io import OutTensor, architecture, copied, field_value, open_gguf, write_gguf
@@ -258,22 +257,6 @@ class GgufBakeReport:
         return asdict(self)
 
 
-def provenance(d: Direction, source_hash: str, extra: dict | None = None) -> dict[str, str | int]:
-    """The ``cosmic_bake.*`` metadata keys every baked GGUF carries."""
-    return {
-        "cosmic_bake.version": __version__,
-        "cosmic_bake.mode": d.mode,
-        "cosmic_bake.alpha": float(d.alpha),
-        "cosmic_bake.direction_sha256": d.digest,
-        "cosmic_bake.layer": int(d.layer),
-        "cosmic_bake.position": int(d.position),
-        "cosmic_bake.selector": d.selector,
-        "cosmic_bake.source_model": d.model_id or "",
-        "cosmic_bake.source_hash": source_hash,
-        **(extra or {}),
-    }
-
-
 def bake_gguf_file(
     source: Path,
     direction: Direction,
@@ -342,7 +325,7 @@ def bake_gguf_file(
         )
     timings = {"plan": time.perf_counter() - t0}
     t = time.perf_counter()
-    meta = provenance(
+    meta = gguf_provenance(
         direction,
         source_hash,
         {"cosmic_bake.edited_type": edited_type + (" (all edited)" if edited_type_always else " (fallback)")},

@@ -233,10 +233,9 @@ def verify_cmd(
 ) -> None:
     """Compare BAKED with ORIGINAL + the removal hook; exit 1 if outside tolerance."""
     from cosmic_bake.api import verify
-    from cosmic_bake.artifacts import Direction
+    from cosmic_bake.artifacts import Direction, baked_settings
     from cosmic_bake.model.loading import model_inputs
     from cosmic_bake.outputs import check_target, write_report
-    from cosmic_bake.verify import baked_settings
 
     inputs = [*model_inputs(original), *model_inputs(baked), *cli_inputs(run_dir, prompts_file, chat_template)]
     if out is not None:

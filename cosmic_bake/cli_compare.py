@@ -32,10 +32,11 @@ from cosmic_bake.model.builtin import DEFAULT_MODEL
 def compare_cmd(model, out, mode, force, **opts) -> None:
     """Run COSMIC and the refusal-score selector on the same prompts and compare their directions."""
     from cosmic_bake.api import prompt_sets
+    from cosmic_bake.artifacts import source_record
     from cosmic_bake.cli import _load
     from cosmic_bake.compare import compare, write_comparison
     from cosmic_bake.model.loading import model_inputs
-    from cosmic_bake.outputs import atomic_dir, check_target, manifest, source_record
+    from cosmic_bake.outputs import atomic_dir, check_target, manifest
     from cosmic_bake.prompts import load_prompts
 
     o = opts

@@ -51,10 +51,10 @@ def sweep_cmd(
     batch_size,
 ) -> None:
     """Evaluate the baked form of a steering edit at each alpha; pick the safest within the harmless cap."""
-    from cosmic_bake.artifacts import Direction
+    from cosmic_bake.artifacts import Direction, source_record
     from cosmic_bake.cli import _echo_kv, _load
     from cosmic_bake.model.loading import model_inputs
-    from cosmic_bake.outputs import atomic_dir, check_target, manifest, source_record
+    from cosmic_bake.outputs import atomic_dir, check_target, manifest
     from cosmic_bake.prompts import load_prompts
     from cosmic_bake.sweep import sweep, write_sweep
 

@@ -351,15 +351,6 @@ def environment() -> dict[str, str]:
     }
 
 
-def source_record(source) -> dict:
-    """Where the model came from, with file hashes so anyone can check they have the same one."""
-    rec: dict = {"spec": source.spec, "kind": source.kind}
-    if source.hub_id:
-        rec.update(hub_id=source.hub_id, revision=source.revision)
-    rec["files"] = {p.name: sha256_file(p) for p in source.files}
-    return rec
-
-
 def manifest(folder: Path, *, stage: str, source: dict, extra: dict) -> dict:
     """Write ``manifest.json`` describing ``folder``: inputs, settings, results and file hashes."""
     files = {p.relative_to(folder).as_posix(): sha256_file(p) for p in sorted(folder.rglob("*")) if p.is_file()}

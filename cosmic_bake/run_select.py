@@ -7,20 +7,10 @@ import time
 from collections.abc import Iterable
 from pathlib import Path
 
-from cosmic_bake.artifacts import DIRECTION_FILE, SELECTION_FILE, Direction
-from cosmic_bake.outputs import TOOL, atomic_dir, manifest, source_record, write_json
+from cosmic_bake.artifacts import DIRECTION_FILE, SELECTION_FILE, Direction, model_hash, source_record
+from cosmic_bake.outputs import TOOL, atomic_dir, manifest, write_json
 from cosmic_bake.plots import plot_layer_similarities, plot_score_grids
 from cosmic_bake.select import Selection, select
-
-
-def model_hash(source_rec: dict) -> str:
-    """One hash naming the source model: of its files' hashes, in name order."""
-    from cosmic_bake.outputs import sha256_bytes
-
-    files = source_rec.get("files") or {}
-    if not files:
-        return f"hub:{source_rec.get('hub_id')}@{source_rec.get('revision') or 'main'}"
-    return sha256_bytes("".join(f"{k}:{v};" for k, v in sorted(files.items())).encode())
 
 
 def selection_record(sel: Selection) -> dict:

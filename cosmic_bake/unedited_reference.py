@@ -74,10 +74,9 @@ def unedited_gguf(original: str, source, baked: Path) -> tuple[Path, dict]:
 
 def cached_reference(original: str, outtype: str) -> tuple[Path, dict]:
     """The unedited ``original`` as an ``outtype`` GGUF, made once (convert, then llama.cpp's quantizer)."""
+    from cosmic_bake.artifacts import model_hash, source_record
     from cosmic_bake.export.gguf_convert import convert_folder
     from cosmic_bake.model.loading import source_folder
-    from cosmic_bake.outputs import source_record
-    from cosmic_bake.run_select import model_hash
 
     source, folder = source_folder(original)
     key = model_hash(source_record(source)).replace(":", "_").replace("/", "_").replace("@", "_")[:40]

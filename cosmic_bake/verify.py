@@ -153,33 +153,6 @@ def add_weight_check(report: VerifyReport, check) -> VerifyReport:
     return report
 
 
-def baked_settings(baked: str) -> tuple[str, float] | None:
-    """(mode, alpha) a baked folder's manifest or a baked GGUF's metadata records, if any."""
-    from pathlib import Path
-
-    from cosmic_bake.outputs import read_json
-
-    path = Path(baked)
-    if path.suffix.lower() == ".gguf" and path.is_file():
-        from cosmic_bake.export.gguf_io import field_value, open_gguf
-
-        reader = open_gguf(path)
-        mode = field_value(reader, "cosmic_bake.mode")
-        return (str(mode), float(field_value(reader, "cosmic_bake.alpha", 0.0))) if mode else None
-    manifest = path / "manifest.json"
-    if manifest.is_file():
-        fix = "restore the manifest.json the bake wrote, or bake the folder again"
-        bake = read_json(manifest, fix).get("bake") or {}
-        if not isinstance(bake, dict):
-            raise CosmicBakeError(f"{manifest}: its 'bake' entry is not an object", fix)
-        if "mode" in bake:
-            try:
-                return str(bake["mode"]), float(bake.get("alpha") or 0.0)
-            except (TypeError, ValueError) as err:
-                raise CosmicBakeError(f"{manifest}: the bake's alpha is not a number", fix) from err
-    return None
-
-
 def _dtype_name(model: torch.nn.Module) -> str:
     return str(next(model.parameters()).dtype).removeprefix("torch.")
 

@@ -510,7 +510,7 @@ def check_folder(
     from cosmic_bake.model.layout import model_layout, text_config
 
     folder, baked = Path(source_folder), Path(baked_folder)
-    from cosmic_bake.verify import baked_settings
+    from cosmic_bake.artifacts import baked_settings
 
     d = _direction(direction, baked_settings(str(baked)))
     config = _load_config(folder)

@@ -21,7 +21,7 @@ from tiny_models import ARCHS, HIDDEN_SIZE
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import cosmic_bake.bake as bake_module
-from cosmic_bake.artifacts import SELECTION_FILE, Direction
+from cosmic_bake.artifacts import SELECTION_FILE, Direction, model_hash, source_record
 from cosmic_bake.bake import bake_folder, plan_bake
 from cosmic_bake.cli_bake import bake_cmd, verify_cmd
 from cosmic_bake.errors import CosmicBakeError
@@ -32,8 +32,7 @@ from cosmic_bake.model.architecture import probe
 from cosmic_bake.model.chat import ChatFormat
 from cosmic_bake.model.layout import model_layout
 from cosmic_bake.model.loading import ModelSource
-from cosmic_bake.outputs import sha256_file, source_record
-from cosmic_bake.run_select import model_hash
+from cosmic_bake.outputs import sha256_file
 from cosmic_bake.verify import verify
 
 PROMPTS = ["Write a short poem about the sea.", "How do I bake bread?", "What is the capital of France?"]
