@@ -18,10 +18,7 @@ from collections.abc import Iterable
 from pathlib import Path
 
 from cosmic_bake.errors import CosmicBakeError
-
-HOLDOUT = 16  # validation prompts held out of a training set when none is given (as the reference run)
-VERIFY_DEFAULT_SETS = ("builtin:harmless", "builtin:harmful")
-VERIFY_DEFAULT_LIMIT = 16
+from cosmic_bake.prompts.sets import prompt_sets, verify_prompts
 
 
 def load(model: str, dtype: str = "float32", chat_template: str | None = None, system_prompt: str | None = None):
@@ -29,7 +26,7 @@ def load(model: str, dtype: str = "float32", chat_template: str | None = None, s
 
     ``chat_template`` is a Jinja template or a format string (or a file holding one);
     ``system_prompt`` replaces the template's default system prompt (text, see
-    :func:`~cosmic_bake.model.chat.read_system_prompt` for ``@FILE`` / ``preset:NAME``).
+    :func:`~cosmic_bake.prompts.presets.read_system_prompt` for ``@FILE`` / ``preset:NAME``).
     """
     from cosmic_bake.model.architecture import probe
     from cosmic_bake.model.chat import ChatFormat, read_template_option
@@ -38,37 +35,6 @@ def load(model: str, dtype: str = "float32", chat_template: str | None = None, s
     lm = load_model(model, dtype=dtype)
     arch = probe(lm.model)
     return lm, arch, ChatFormat(lm.tokenizer, read_template_option(chat_template), system_prompt)
-
-
-def prompt_sets(
-    harmful: str = "builtin:harmful",
-    harmless: str = "builtin:harmless",
-    harmful_val: str | None = None,
-    harmless_val: str | None = None,
-    column: str | None = None,
-    limit: int | None = None,
-    limit_val: int | None = None,
-) -> dict[str, list[str]]:
-    """The four prompt lists select needs; validation sets default to a held-out tail of training."""
-    from cosmic_bake.prompts import load_prompts, require_count, split_holdout
-
-    def train_and_val(train: str, val: str | None) -> tuple[list[str], list[str]]:
-        prompts = load_prompts(train, column)
-        if val is not None:
-            return prompts, load_prompts(val, column)
-        return split_holdout(prompts, fraction=min(0.2, HOLDOUT / len(prompts)) if prompts else 0.2)
-
-    hf, hf_val = train_and_val(harmful, harmful_val)
-    hl, hl_val = train_and_val(harmless, harmless_val)
-    sets = {
-        "harmful train": hf[:limit],
-        "harmless train": hl[:limit],
-        "harmful val": hf_val[:limit_val],
-        "harmless val": hl_val[:limit_val],
-    }
-    for name, prompts in sets.items():
-        require_count(prompts, 4 if "train" in name else 2, name)
-    return sets
 
 
 def select(
@@ -181,16 +147,6 @@ def bake(model: str, direction: str | Path, out: str | Path, *, format: str = "h
     check_target(out, force=options.get("force", False), inputs=inputs)  # before a GGUF source is dequantized
     source, folder = source_folder(model)
     return bake_folder(folder, direction, out, source=source, inputs=inputs, **options)
-
-
-def verify_prompts(prompts: str | None = None, column: str | None = None, limit: int | None = None) -> list[str]:
-    """A prompt file (first ``limit``), or the first 16 harmless and 16 harmful built-in prompts."""
-    from cosmic_bake.prompts import load_prompts
-
-    if prompts is not None:
-        return load_prompts(prompts, column, limit=limit)
-    n = limit or VERIFY_DEFAULT_LIMIT
-    return [p for name in VERIFY_DEFAULT_SETS for p in load_prompts(name, limit=n)]
 
 
 def verify(

@@ -133,10 +133,11 @@ def select_cmd(
     batch_size,
 ) -> None:
     """Choose a refusal direction and its layer with COSMIC; write RUN_DIR."""
-    from cosmic_bake.api import prompt_sets, select
+    from cosmic_bake.api import select
     from cosmic_bake.cli_sweep import parse_alphas
     from cosmic_bake.model.loading import model_inputs
     from cosmic_bake.outputs import check_target
+    from cosmic_bake.prompts.sets import prompt_sets
 
     inputs = [*model_inputs(model), *cli_inputs(harmful, harmless, harmful_val, harmless_val, chat_template)]
     check_target(out, force=force, inputs=inputs)
@@ -246,7 +247,7 @@ def eval_cmd(
     from cosmic_bake.model.hooks import Intervention
     from cosmic_bake.model.loading import model_inputs
     from cosmic_bake.outputs import check_target, write_report
-    from cosmic_bake.prompts import load_prompts
+    from cosmic_bake.prompts.sets import load_prompts
 
     inputs = [*model_inputs(model), *model_inputs(kl_against), *cli_inputs(run_dir, harmful, harmless, chat_template)]
     if out is not None:

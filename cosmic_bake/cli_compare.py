@@ -31,13 +31,12 @@ from cosmic_bake.model.builtin import DEFAULT_MODEL
 @common_options
 def compare_cmd(model, out, mode, force, **opts) -> None:
     """Run COSMIC and the refusal-score selector on the same prompts and compare their directions."""
-    from cosmic_bake.api import prompt_sets
     from cosmic_bake.artifacts import source_record
     from cosmic_bake.cli import _load
     from cosmic_bake.compare import compare, write_comparison
     from cosmic_bake.model.loading import model_inputs
     from cosmic_bake.outputs import atomic_dir, check_target, manifest
-    from cosmic_bake.prompts import load_prompts
+    from cosmic_bake.prompts.sets import load_prompts, prompt_sets
 
     o = opts
     files = ("harmful", "harmless", "harmful_val", "harmless_val", "eval_harmful", "eval_harmless", "chat_template")

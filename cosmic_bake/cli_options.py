@@ -15,8 +15,8 @@ INPUT_FILES = "cosmic_bake.input_files"  # ctx.meta key: files option callbacks 
 
 def _read_system_prompt(ctx, _param, value):
     """Read the prompt's text now; remember an @FILE / preset file as an input the output may not touch."""
-    from cosmic_bake.model.chat import read_system_prompt
     from cosmic_bake.outputs import file_inputs
+    from cosmic_bake.prompts.presets import read_system_prompt
 
     if value is not None and value.startswith(("@", "preset:")):
         ctx.meta.setdefault(INPUT_FILES, []).extend(file_inputs(value))

@@ -55,7 +55,7 @@ def sweep_cmd(
     from cosmic_bake.cli import _echo_kv, _load
     from cosmic_bake.model.loading import model_inputs
     from cosmic_bake.outputs import atomic_dir, check_target, manifest
-    from cosmic_bake.prompts import load_prompts
+    from cosmic_bake.prompts.sets import load_prompts
     from cosmic_bake.sweep import sweep, write_sweep
 
     values = parse_alphas(alphas)

@@ -78,7 +78,7 @@ def file_inputs(*values: str | os.PathLike | None) -> list[Path]:
             continue
         text = str(value)
         if text.startswith("builtin:"):
-            from cosmic_bake.prompts import BUILTIN_SETS, builtin_path
+            from cosmic_bake.prompts.sets import BUILTIN_SETS, builtin_path
 
             name = text.removeprefix("builtin:")
             paths += [builtin_path(name)] if name in BUILTIN_SETS else []

@@ -151,7 +151,7 @@ def test_affine_selection_scores_the_pinned_hook(tiny_model_factory):
     from cosmic_bake.math import scores as S
     from cosmic_bake.model.forward import forward
     from cosmic_bake.model.hooks import Intervention, intervene
-    from cosmic_bake.prompts import load_prompts
+    from cosmic_bake.prompts.sets import load_prompts
     from cosmic_bake.select import Batches, select
 
     folder = tiny_model_factory("llama")
@@ -302,7 +302,7 @@ def test_sweep_command_and_select_records_alpha(tiny_model_factory, tmp_path):
 
 def test_zero_directions_are_never_chosen(tiny_model_factory):
     """Template tokens at layer 0 have identical embeddings in every prompt: their candidate is 0 and filtered."""
-    from cosmic_bake.prompts import load_prompts
+    from cosmic_bake.prompts.sets import load_prompts
     from cosmic_bake.select import select
 
     lm = load_model(tiny_model_factory("qwen2"))
