@@ -31,7 +31,7 @@ import torch
 
 from cosmic_bake.artifacts import Direction
 from cosmic_bake.cli_bake import source_folder
-from cosmic_bake.export.safetensors_io import list_weights
+from cosmic_bake.export.safetensors_read import list_weights
 
 DEFAULT_MODEL = "builtin:qwen2.5-coder-0.5b-instruct"
 

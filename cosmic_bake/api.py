@@ -258,13 +258,10 @@ def export_lora(
     llama.cpp ``--lora OUT/adapter.gguf`` on the base GGUF). Returns what was written, with sizes.
     ``out`` follows the output rule against the model, the direction and ``inputs``.
     """
-    import torch
-
     from cosmic_bake.artifacts import Direction, check_direction, model_hash, source_record
     from cosmic_bake.export import lora
-    from cosmic_bake.export.card import lora_card
     from cosmic_bake.model.loading import model_inputs
-    from cosmic_bake.outputs import atomic_dir, check_target, manifest
+    from cosmic_bake.outputs import check_target
 
     out = Path(out)
     inputs = [*model_inputs(model), direction, *inputs]
@@ -278,43 +275,4 @@ def export_lora(
     lm, arch, _ = load(model)
     src = source_record(lm.source)
     check_direction(d, arch.d_model, model_hash(src), allow_mismatch)
-    with torch.no_grad():
-        factors = lora.removal_factors(arch, d.direction)
-    base_model = lm.source.hub_id or lm.source.spec
-    written: dict[str, int] = {}
-    warnings = []
-    if gguf and arch.tied:
-        # llama.cpp looks adapters up by tensor name, and a tied head *is* token_embd.weight: the
-        # embedding adapter would be applied to the output head too (it aborts on the shapes).
-        gguf = False
-        warnings.append(
-            "no llama.cpp adapter: the model ties its output head to the token embedding, which a llama.cpp "
-            "LoRA cannot edit separately; bake a GGUF instead (--format gguf)"
-        )
-    with atomic_dir(out, force=force, inputs=inputs) as tmp:
-        lora.write_peft(factors, tmp, base_model)
-        if gguf:
-            gguf_arch = _gguf_architecture(lm.source, arch.model_type)
-            lora.write_gguf_adapter(
-                factors,
-                tmp / lora.GGUF_ADAPTER,
-                gguf_arch,
-                {"cosmic_bake.direction_sha256": d.digest, "cosmic_bake.layer": d.layer, "cosmic_bake.mode": "ablate"},
-            )
-        (tmp / "README.md").write_text(lora_card(base_model, d, len(factors), gguf), encoding="utf-8")
-        written = {p.name: p.stat().st_size for p in tmp.iterdir()}
-        manifest(tmp, stage="bake-lora", source=src, extra={"direction": d.record(), "modules": len(factors)})
-    return {"out": str(out), "modules": len(factors), "bytes": written, "tied": arch.tied, "warnings": warnings}
-
-
-def _gguf_architecture(source, model_type: str) -> str:
-    """llama.cpp's architecture name for the base: the GGUF's own, or the converter's mapping."""
-    if source.kind == "gguf":
-        from cosmic_bake.export.gguf_io import architecture, open_gguf
-
-        return architecture(open_gguf(source.path))
-    from cosmic_bake.export.gguf_convert import SUPPORTED_MODEL_TYPES
-
-    if model_type not in SUPPORTED_MODEL_TYPES:
-        raise CosmicBakeError(f"no llama.cpp architecture known for '{model_type}'", "pass --no-gguf-adapter")
-    return SUPPORTED_MODEL_TYPES[model_type]
+    return lora.write_lora_folder(lm, arch, d, out, src=src, gguf=gguf, force=force, inputs=inputs)

@@ -13,11 +13,11 @@ Three steps, each testable on its own:
    post-writer norms and embeddings, by in-memory name, for every layer, and how on-disk names
    map to them (see :mod:`cosmic_bake.model.layout`).
 2. **Plan** (:func:`plan_bake`, here): pure; from the layout and the tensor names, shapes and
-   dtypes of the safetensors headers (:func:`~cosmic_bake.export.safetensors_io.list_weights`),
+   dtypes of the safetensors headers (:func:`~cosmic_bake.export.safetensors_read.list_weights`),
    one :class:`TensorEdit` per output tensor (``rows``, ``expert_rows``, ``cols``,
    ``expert_cols``, ``bias`` or ``copy``) and the output shard layout.
 3. **Apply** (:func:`bake_folder`): each output shard is streamed out by
-   :func:`~cosmic_bake.export.safetensors_io.write_safetensors`; an edited tensor is read with
+   :func:`~cosmic_bake.export.safetensors_write.write_safetensors`; an edited tensor is read with
    plain file reads (not ``safe_open``, whose memory map would count the whole shard's page
    cache on top of the copy being edited), edited in place in float64 chunks, cast back to the
    source dtype and written, one at a time; unedited tensors are copied byte for byte. Peak
@@ -47,24 +47,20 @@ from cosmic_bake import __version__
 from cosmic_bake.artifacts import Direction, check_direction, load_direction, source_record
 from cosmic_bake.bake_constant import ConstantPlacement, place_constant
 from cosmic_bake.errors import CosmicBakeError, first_line
-from cosmic_bake.export import safetensors_io
+from cosmic_bake.export import safetensors_read, safetensors_write
 from cosmic_bake.export.card import CARD_FILE, base_model_id, model_card
-from cosmic_bake.export.safetensors_io import (
+from cosmic_bake.export.safetensors_read import (
     INDEX_FILE,
     WEIGHT_SUFFIXES,
-    DeferredTensor,
     Listing,
-    StoredTensor,
     TensorInfo,
-    TensorSource,
     list_weights,
     packed_shards,
     parse_size,
     read_tensor,
     same_shards,
-    write_index,
-    write_shards,
 )
+from cosmic_bake.export.safetensors_write import DeferredTensor, StoredTensor, TensorSource, write_index, write_shards
 from cosmic_bake.math.projections import project_out_cols_, project_out_rows_, unit
 from cosmic_bake.model.layout import Layout, model_layout, text_config
 from cosmic_bake.outputs import MANIFEST, atomic_dir, check_target, manifest, write_json
@@ -325,7 +321,7 @@ def _zeros_plus(shape: tuple[int, ...], dtype: str, c: torch.Tensor | None):
         t = torch.zeros(shape, dtype=torch.float64)
         if c is not None:
             t += c
-        return t.to(safetensors_io.torch_dtype(dtype))
+        return t.to(safetensors_read.torch_dtype(dtype))
 
     return make
 
@@ -526,7 +522,7 @@ def bake_folder(
         coeff = -d.alpha if d.mode == "scale" else 1.0
         shards = shard_sources(plan, listing, vectors, constant, coeff)
         with _one_thread():
-            write_shards(shards, plan.shard_metadata, tmp, save=safetensors_io.write_safetensors)
+            write_shards(shards, plan.shard_metadata, tmp, save=safetensors_write.write_safetensors)
         if plan.indexed:
             write_index(tmp, shards, (listing.index or {}).get("metadata"))
         timings["write"] = time.perf_counter() - t

@@ -173,7 +173,7 @@ _SAFETENSORS_DTYPES = {"F64": "float64", "F32": "float32", "F16": "float16", "BF
 
 def stored_dtype(folder) -> str:
     """The least precise float dtype among a safetensors folder's matrices (what the edit was rounded to)."""
-    from cosmic_bake.export.safetensors_io import list_weights
+    from cosmic_bake.export.safetensors_read import list_weights
 
     found = {
         _SAFETENSORS_DTYPES[t.dtype]

@@ -485,7 +485,7 @@ def _hf_class(layout, edit) -> str:
 
 
 def _read(folder: Path, info) -> torch.Tensor:
-    from cosmic_bake.export.safetensors_io import read_tensor
+    from cosmic_bake.export.safetensors_read import read_tensor
 
     with open(folder / info.file, "rb") as fh:
         return read_tensor(fh, info)
@@ -506,7 +506,7 @@ def check_folder(
     """
     from cosmic_bake.bake import _add_constant, _load_config, edit_vectors, plan_bake
     from cosmic_bake.bake_constant import place_constant
-    from cosmic_bake.export.safetensors_io import list_weights
+    from cosmic_bake.export.safetensors_read import list_weights
     from cosmic_bake.model.layout import model_layout, text_config
 
     folder, baked = Path(source_folder), Path(baked_folder)
@@ -635,13 +635,14 @@ class _ConvertedFolder:
     def __init__(self, folder: Path) -> None:
         from gguf import GGMLQuantizationType
 
-        from cosmic_bake.export.gguf_convert import _plan_tensors, _read_hparams
-        from cosmic_bake.export.safetensors_io import list_weights
+        from cosmic_bake.export.gguf_convert import plan_tensors
+        from cosmic_bake.export.gguf_hparams import read_hparams
+        from cosmic_bake.export.safetensors_read import list_weights
 
         self.folder = Path(folder)
-        self.hp = _read_hparams(self.folder, [])
+        self.hp = read_hparams(self.folder, [])
         self.listing = list_weights(self.folder)
-        self.planned = {p.name: p for p in _plan_tensors(self.hp, self.listing, GGMLQuantizationType.F32)}
+        self.planned = {p.name: p for p in plan_tensors(self.hp, self.listing, GGMLQuantizationType.F32)}
         self._cached: tuple[str, torch.Tensor] | None = None
 
     def shape(self, name: str) -> tuple[int, ...]:
@@ -666,7 +667,7 @@ class _ConvertedFolder:
 
         (The converter writes ``1 + w`` rounded to float32; the bake's vector used it unrounded.)
         """
-        from cosmic_bake.export.safetensors_io import read_tensor
+        from cosmic_bake.export.safetensors_read import read_tensor
 
         [info] = self.planned[name].sources
         with open(self.folder / info.file, "rb") as fh:
