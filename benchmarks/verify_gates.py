@@ -23,7 +23,7 @@ import torch
 
 from cosmic_bake import api
 from cosmic_bake.artifacts import Direction
-from cosmic_bake.verify import RATIO_MAX
+from cosmic_bake.verify.logits import RATIO_MAX
 
 REFERENCE = Path(__file__).resolve().parents[2] / "shared" / "reference" / "cosmic-qwen2.5-coder-0.5b-lce"
 MODELS = {"smollm2": "builtin:smollm2-135m-instruct", "qwen": "builtin:qwen2.5-coder-0.5b-instruct"}
@@ -67,7 +67,7 @@ def reference_run(model: str, out: Path) -> Path:
 def weight_figures(model: str, baked: Path, run: Path) -> dict | None:
     """The prompt-free weight-space check, when this build has it."""
     try:
-        from cosmic_bake.verify_weights import weight_check
+        from cosmic_bake.verify.weights import weight_check
     except ImportError:
         return None
     return weight_check(model, baked, Direction.load(run)).to_dict()

@@ -169,8 +169,8 @@ def verify(
     gate against the unedited model, and the prompt-free weight-space check in ``.weights``).
     """
     from cosmic_bake.artifacts import Direction, baked_settings
-    from cosmic_bake.verify import add_weight_check
-    from cosmic_bake.verify_weights import weight_check
+    from cosmic_bake.verify.logits import add_weight_check
+    from cosmic_bake.verify.weights import weight_check
 
     d = Direction.load(direction)
     settings = baked_settings(str(baked))
@@ -185,7 +185,7 @@ def verify(
 
 def _verify_logits(original, baked, d, texts, dtype, chat_template, system_prompt, batch_size):
     """The logit comparison of :func:`verify`, by the baked output's kind."""
-    from cosmic_bake.verify import verify as verify_models
+    from cosmic_bake.verify.logits import verify as verify_models
 
     a, arch, fmt = load(original, dtype, chat_template, system_prompt)
     baked = Path(baked)
@@ -209,7 +209,7 @@ def _verify_logits(original, baked, d, texts, dtype, chat_template, system_promp
             return _verify_gguf(a, arch, a.source.path, d, texts, fmt, original, lora=baked)
         return _verify_gguf(a, arch, baked, d, texts, fmt, original)
     from cosmic_bake.model.loading import load_model
-    from cosmic_bake.verify import stored_dtype
+    from cosmic_bake.verify.tolerances import stored_dtype
 
     b = load_model(str(baked), dtype=dtype)
     return verify_models(a.model, arch, b.model, d, texts, fmt, batch_size, stored=stored_dtype(baked))
@@ -224,8 +224,8 @@ def _is_adapter(path: Path) -> bool:
 def _verify_gguf(a, arch, baked: Path, direction, prompts: list[str], fmt, original: str, lora: Path | None = None):
     """Run the baked GGUF in llama.cpp, and the unedited model stored the same way (relative gate, floor)."""
     from cosmic_bake.model.llamacpp import LlamaCppModel
-    from cosmic_bake.unedited_reference import unedited_gguf
-    from cosmic_bake.verify import verify_gguf
+    from cosmic_bake.verify.logits import verify_gguf
+    from cosmic_bake.verify.reference import unedited_gguf
 
     if lora is not None:  # the adapter on the base: the base itself is the unedited reference
         reference, record = a.source.path, {"kind": "base GGUF without the adapter", "file": a.source.path.name}

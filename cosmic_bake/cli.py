@@ -243,11 +243,11 @@ def eval_cmd(
     KL is against the same model without the hook, or against --kl-against (for a baked model).
     """
     from cosmic_bake.artifacts import Direction
-    from cosmic_bake.evaluate import evaluate
     from cosmic_bake.model.hooks import Intervention
     from cosmic_bake.model.loading import model_inputs
     from cosmic_bake.outputs import check_target, write_report
     from cosmic_bake.prompts.sets import load_prompts
+    from cosmic_bake.verify.evaluate import evaluate
 
     inputs = [*model_inputs(model), *model_inputs(kl_against), *cli_inputs(run_dir, harmful, harmless, chat_template)]
     if out is not None:
@@ -259,7 +259,7 @@ def eval_cmd(
     good = load_prompts(harmless, column, limit=limit_harmless)
     base_logits = None
     if kl_against is not None:
-        from cosmic_bake.evaluate import first_token_logits
+        from cosmic_bake.verify.evaluate import first_token_logits
 
         ref, _, ref_fmt = _load_for_eval(kl_against, runtime, "none", dtype, chat_template, system_prompt)
         base_logits = first_token_logits(ref, ref_fmt, good, min(batch_size, 32))

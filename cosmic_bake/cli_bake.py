@@ -163,7 +163,7 @@ def _bake_gguf(
 ):
     from cosmic_bake.api import bake as bake_model
     from cosmic_bake.export_gguf import manifest_path
-    from cosmic_bake.verify import gguf_class
+    from cosmic_bake.verify.tolerances import gguf_class
 
     bake = bake_model(
         model,

@@ -15,8 +15,8 @@ from pathlib import Path
 
 from cosmic_bake.artifacts import Direction
 from cosmic_bake.errors import CosmicBakeError
-from cosmic_bake.evaluate import EvalReport, evaluate, first_token_logits
 from cosmic_bake.select import SELECTORS, Batches, collect_candidates, select
+from cosmic_bake.verify.evaluate import EvalReport, evaluate, first_token_logits
 
 
 @dataclass

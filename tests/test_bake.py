@@ -33,7 +33,7 @@ from cosmic_bake.model.chat import ChatFormat
 from cosmic_bake.model.layout import model_layout
 from cosmic_bake.model.loading import ModelSource
 from cosmic_bake.outputs import sha256_file
-from cosmic_bake.verify import verify
+from cosmic_bake.verify.logits import verify
 
 PROMPTS = ["Write a short poem about the sea.", "How do I bake bread?", "What is the capital of France?"]
 BIAS_ARCHS = ("llama", "gemma2", "gemma3_text")  # where the factory's bias flag changes the model

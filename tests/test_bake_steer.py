@@ -20,7 +20,7 @@ from cosmic_bake.errors import CosmicBakeError
 from cosmic_bake.model.architecture import probe
 from cosmic_bake.model.chat import ChatFormat
 from cosmic_bake.model.loading import load_model
-from cosmic_bake.verify import verify
+from cosmic_bake.verify.logits import verify
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -130,7 +130,8 @@ def test_no_exact_place_for_a_later_constant_refuses(arch, tiny_model_factory, t
 def test_baked_steering_gguf_equals_hook_in_llama_cpp(arch, mode, tiny_model_factory, tmp_path):
     from cosmic_bake.export_gguf import bake_to_gguf
     from cosmic_bake.model.llamacpp import LlamaCppModel
-    from cosmic_bake.verify import GGUF_TOLERANCES, verify_gguf
+    from cosmic_bake.verify.logits import verify_gguf
+    from cosmic_bake.verify.tolerances import GGUF_TOLERANCES
 
     folder = tiny_model_factory(arch, bias=True)
     d = _direction(folder, mode, 2, 1.0)
@@ -192,7 +193,8 @@ def test_gguf_to_gguf_steering_equals_hook(layer, mode, tiny_model_factory, tmp_
     from cosmic_bake.export.gguf_io import open_gguf
     from cosmic_bake.export_gguf import bake_to_gguf
     from cosmic_bake.model.llamacpp import LlamaCppModel
-    from cosmic_bake.verify import GGUF_TOLERANCES, verify_gguf
+    from cosmic_bake.verify.logits import verify_gguf
+    from cosmic_bake.verify.tolerances import GGUF_TOLERANCES
 
     folder = tiny_model_factory("llama", tied=True)
     source = tmp_path / "source.gguf"
@@ -239,7 +241,8 @@ def test_gguf_to_gguf_constant_on_a_mixtral_gguf(tiny_model_factory, tmp_path):
     from cosmic_bake.export.gguf_io import architecture, open_gguf
     from cosmic_bake.export_gguf import bake_to_gguf
     from cosmic_bake.model.llamacpp import LlamaCppModel
-    from cosmic_bake.verify import GGUF_TOLERANCES, verify_gguf
+    from cosmic_bake.verify.logits import verify_gguf
+    from cosmic_bake.verify.tolerances import GGUF_TOLERANCES
 
     folder = tiny_model_factory("mixtral", tied=True)
     source = tmp_path / "source.gguf"

@@ -28,7 +28,8 @@ from cosmic_bake.model.architecture import probe
 from cosmic_bake.model.chat import ChatFormat
 from cosmic_bake.model.llamacpp import LlamaCppModel
 from cosmic_bake.model.loading import load_model
-from cosmic_bake.verify import GGUF_TOLERANCES, verify_gguf
+from cosmic_bake.verify.logits import verify_gguf
+from cosmic_bake.verify.tolerances import GGUF_TOLERANCES
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -246,7 +247,7 @@ def test_four_bit_gguf_runs_in_llama_cpp_and_verifies(outtype, tiny_model_factor
 
     from test_verify_gates import _strong_run
 
-    from cosmic_bake.verify import RATIO_MAX
+    from cosmic_bake.verify.logits import RATIO_MAX
 
     monkeypatch.setenv("COSMIC_BAKE_MODELS", str(tmp_path / "cache"))
     folder = tiny_model_factory("llama", hidden_size=256, intermediate_size=512)

@@ -19,7 +19,8 @@ import torch
 from cosmic_bake import api
 from cosmic_bake.artifacts import Direction
 from cosmic_bake.prompts.sets import verify_prompts
-from cosmic_bake.verify import RATIO_MAX, coarser, judge
+from cosmic_bake.verify.logits import RATIO_MAX, judge
+from cosmic_bake.verify.tolerances import coarser
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
