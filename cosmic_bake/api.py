@@ -73,7 +73,7 @@ def select(
     """
     from cosmic_bake.model.loading import model_inputs
     from cosmic_bake.outputs import check_target, file_inputs
-    from cosmic_bake.run_select import run_select
+    from cosmic_bake.select.run_folder import run_select
 
     out = Path(out)
     inputs = [

@@ -33,10 +33,10 @@ def compare_cmd(model, out, mode, force, **opts) -> None:
     """Run COSMIC and the refusal-score selector on the same prompts and compare their directions."""
     from cosmic_bake.artifacts import source_record
     from cosmic_bake.cli import _load
-    from cosmic_bake.compare import compare, write_comparison
     from cosmic_bake.model.loading import model_inputs
     from cosmic_bake.outputs import atomic_dir, check_target, manifest
     from cosmic_bake.prompts.sets import load_prompts, prompt_sets
+    from cosmic_bake.select.compare import compare, write_comparison
 
     o = opts
     files = ("harmful", "harmless", "harmful_val", "harmless_val", "eval_harmful", "eval_harmless", "chat_template")

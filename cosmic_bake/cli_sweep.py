@@ -56,7 +56,7 @@ def sweep_cmd(
     from cosmic_bake.model.loading import model_inputs
     from cosmic_bake.outputs import atomic_dir, check_target, manifest
     from cosmic_bake.prompts.sets import load_prompts
-    from cosmic_bake.sweep import sweep, write_sweep
+    from cosmic_bake.select.sweep import sweep, write_sweep
 
     values = parse_alphas(alphas)
     inputs = [*model_inputs(model), *cli_inputs(run_dir, harmful, harmless, chat_template)]

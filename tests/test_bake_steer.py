@@ -153,7 +153,8 @@ def test_affine_selection_scores_the_pinned_hook(tiny_model_factory):
     from cosmic_bake.model.forward import forward
     from cosmic_bake.model.hooks import Intervention, intervene
     from cosmic_bake.prompts.sets import load_prompts
-    from cosmic_bake.select import Batches, select
+    from cosmic_bake.select.candidates import Batches
+    from cosmic_bake.select.selection import select
 
     folder = tiny_model_factory("llama")
     lm = load_model(folder)
@@ -306,7 +307,7 @@ def test_sweep_command_and_select_records_alpha(tiny_model_factory, tmp_path):
 def test_zero_directions_are_never_chosen(tiny_model_factory):
     """Template tokens at layer 0 have identical embeddings in every prompt: their candidate is 0 and filtered."""
     from cosmic_bake.prompts.sets import load_prompts
-    from cosmic_bake.select import select
+    from cosmic_bake.select.selection import select
 
     lm = load_model(tiny_model_factory("qwen2"))
     bad, good = load_prompts("builtin:harmful", limit=10), load_prompts("builtin:harmless", limit=10)
