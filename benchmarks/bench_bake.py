@@ -38,7 +38,7 @@ DEFAULT_MODEL = "builtin:qwen2.5-coder-0.5b-instruct"
 # Runs in the child: bake, then print timings and the resident set before baking.
 _CHILD = """
 import json, resource, sys, time
-from cosmic_bake.bake import bake_folder
+from cosmic_bake.bake.folder import bake_folder
 folder, run_dir, out = sys.argv[1:4]
 baseline = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
 t = time.perf_counter()

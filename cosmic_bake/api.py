@@ -136,12 +136,12 @@ def bake(model: str, direction: str | Path, out: str | Path, *, format: str = "h
     inputs = [*model_inputs(model), *([direction] if isinstance(direction, str | os.PathLike) else [])]
     inputs += list(options.pop("inputs", ()))
     if format == "gguf":
-        from cosmic_bake.export_gguf import bake_to_gguf
+        from cosmic_bake.bake.gguf import bake_to_gguf
 
         return bake_to_gguf(model, Path(direction), Path(out), inputs=inputs, **options)
     if format != "hf":
         raise CosmicBakeError(f"unknown format '{format}'", "use hf or gguf")
-    from cosmic_bake.bake import bake_folder
+    from cosmic_bake.bake.folder import bake_folder
     from cosmic_bake.model.loading import source_folder
 
     check_target(out, force=options.get("force", False), inputs=inputs)  # before a GGUF source is dequantized

@@ -162,7 +162,7 @@ def _bake_gguf(
     model, run_dir, out, outtype, edited_type, always, embeddings, force, allow_mismatch, mode, alpha, inputs
 ):
     from cosmic_bake.api import bake as bake_model
-    from cosmic_bake.export_gguf import manifest_path
+    from cosmic_bake.bake.gguf import manifest_path
     from cosmic_bake.verify.tolerances import gguf_class
 
     bake = bake_model(

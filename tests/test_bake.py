@@ -20,9 +20,10 @@ from safetensors.torch import load_file
 from tiny_models import ARCHS, HIDDEN_SIZE
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-import cosmic_bake.bake as bake_module
+import cosmic_bake.bake.folder as bake_module
 from cosmic_bake.artifacts import SELECTION_FILE, Direction, model_hash, source_record
-from cosmic_bake.bake import bake_folder, plan_bake
+from cosmic_bake.bake.folder import bake_folder
+from cosmic_bake.bake.plan import plan_bake
 from cosmic_bake.cli_bake import bake_cmd, verify_cmd
 from cosmic_bake.errors import CosmicBakeError
 from cosmic_bake.export import safetensors_write
@@ -336,7 +337,7 @@ def test_kill_mid_write_leaves_no_complete_looking_output(tiny_model_factory, tm
     code = (
         "import os, signal, sys\n"
         "from cosmic_bake.export import safetensors_write\n"
-        "from cosmic_bake.bake import bake_folder\n"
+        "from cosmic_bake.bake.folder import bake_folder\n"
         "real = safetensors_write.write_safetensors\n"
         "calls = []\n"
         "def dying(*a, **k):\n"

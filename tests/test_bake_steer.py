@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from cosmic_bake.artifacts import Direction
-from cosmic_bake.bake import bake_folder
+from cosmic_bake.bake.folder import bake_folder
 from cosmic_bake.errors import CosmicBakeError
 from cosmic_bake.model.architecture import probe
 from cosmic_bake.model.chat import ChatFormat
@@ -128,7 +128,7 @@ def test_no_exact_place_for_a_later_constant_refuses(arch, tiny_model_factory, t
 @pytest.mark.parametrize("arch", ["llama", "qwen2"])
 @pytest.mark.parametrize("mode", ["add", "affine", "scale"])
 def test_baked_steering_gguf_equals_hook_in_llama_cpp(arch, mode, tiny_model_factory, tmp_path):
-    from cosmic_bake.export_gguf import bake_to_gguf
+    from cosmic_bake.bake.gguf import bake_to_gguf
     from cosmic_bake.model.llamacpp import LlamaCppModel
     from cosmic_bake.verify.logits import verify_gguf
     from cosmic_bake.verify.tolerances import GGUF_TOLERANCES
@@ -190,9 +190,9 @@ def test_affine_selection_scores_the_pinned_hook(tiny_model_factory):
 @pytest.mark.parametrize(("layer", "mode"), [(0, "add"), (2, "add"), (2, "affine"), (0, "affine")])
 def test_gguf_to_gguf_steering_equals_hook(layer, mode, tiny_model_factory, tmp_path):
     """Llama GGUF in: the constant goes into the embedding or a new float32 ffn_down bias; equal to the hook."""
+    from cosmic_bake.bake.gguf import bake_to_gguf
     from cosmic_bake.export.gguf_convert import convert_folder
     from cosmic_bake.export.gguf_io import open_gguf
-    from cosmic_bake.export_gguf import bake_to_gguf
     from cosmic_bake.model.llamacpp import LlamaCppModel
     from cosmic_bake.verify.logits import verify_gguf
     from cosmic_bake.verify.tolerances import GGUF_TOLERANCES
@@ -217,8 +217,8 @@ def test_gguf_to_gguf_steering_equals_hook(layer, mode, tiny_model_factory, tmp_
 
 
 def test_gguf_to_gguf_constant_without_a_place_refuses(tiny_model_factory, tmp_path):
+    from cosmic_bake.bake.gguf import bake_to_gguf
     from cosmic_bake.export.gguf_convert import convert_folder
-    from cosmic_bake.export_gguf import bake_to_gguf
 
     folder = tiny_model_factory("qwen2")
     source = tmp_path / "source.gguf"
@@ -238,9 +238,9 @@ def test_gguf_to_gguf_constant_on_a_mixtral_gguf(tiny_model_factory, tmp_path):
     made llama.cpp refuse the whole file); at layer 0 it goes into the embedding, loads in
     llama.cpp and equals the hook.
     """
+    from cosmic_bake.bake.gguf import bake_to_gguf
     from cosmic_bake.export.gguf_convert import convert_folder
     from cosmic_bake.export.gguf_io import architecture, open_gguf
-    from cosmic_bake.export_gguf import bake_to_gguf
     from cosmic_bake.model.llamacpp import LlamaCppModel
     from cosmic_bake.verify.logits import verify_gguf
     from cosmic_bake.verify.tolerances import GGUF_TOLERANCES

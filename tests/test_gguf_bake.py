@@ -18,12 +18,12 @@ from click.testing import CliRunner
 from tiny_models import ARCHS
 
 from cosmic_bake.artifacts import Direction
-from cosmic_bake.bake import bake_folder
+from cosmic_bake.bake.folder import bake_folder
+from cosmic_bake.bake.gguf import bake_to_gguf, manifest_path
 from cosmic_bake.cli import cli
 from cosmic_bake.errors import CosmicBakeError
 from cosmic_bake.export.gguf_convert import convert_folder
 from cosmic_bake.export.gguf_io import open_gguf
-from cosmic_bake.export_gguf import bake_to_gguf, manifest_path
 from cosmic_bake.model.architecture import probe
 from cosmic_bake.model.chat import ChatFormat
 from cosmic_bake.model.llamacpp import LlamaCppModel

@@ -23,7 +23,7 @@ from transformers import AutoModelForCausalLM
 
 import cosmic_bake.export.safetensors_write as st_io
 from cosmic_bake.artifacts import Direction
-from cosmic_bake.bake import bake_folder
+from cosmic_bake.bake.folder import bake_folder
 from cosmic_bake.errors import CosmicBakeError
 from cosmic_bake.export.safetensors_read import dtype_code, list_weights, read_header
 from cosmic_bake.export.safetensors_write import (

@@ -17,12 +17,12 @@ import pytest
 import tiny_models
 import torch
 
-import cosmic_bake.bake as bake_module
+import cosmic_bake.bake.folder as bake_module
 from cosmic_bake.artifacts import Direction
-from cosmic_bake.bake import bake_folder
+from cosmic_bake.bake.folder import bake_folder
+from cosmic_bake.bake.gguf import bake_to_gguf
 from cosmic_bake.export.ggml_quant import quantize_file
 from cosmic_bake.export.gguf_convert import convert_folder
-from cosmic_bake.export_gguf import bake_to_gguf
 from cosmic_bake.math.projections import unit
 from cosmic_bake.verify.weights import check_folder, weight_check
 from cosmic_bake.verify.weights_gguf import check_gguf

@@ -58,7 +58,7 @@ class VerifyReport:
     ratio_max: float = RATIO_MAX
     unedited_reference: dict | None = None  # which unedited file was measured (GGUF)
     reasons: list[str] = field(default_factory=list)  # why it failed, one line each
-    weights: dict | None = None  # the prompt-free weight-space check (verify_weights.WeightCheck.to_dict)
+    weights: dict | None = None  # the prompt-free weight-space check (verify.weights_report.WeightCheck.to_dict)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -133,7 +133,7 @@ def _hook(direction: Direction | torch.Tensor) -> Intervention:
 
 
 def add_weight_check(report: VerifyReport, check) -> VerifyReport:
-    """Fold a :class:`~cosmic_bake.verify_weights.WeightCheck` (or None: nothing to check) into ``report``."""
+    """Fold a :class:`~cosmic_bake.verify.weights_report.WeightCheck` (or None: nothing to check) into ``report``."""
     if check is None:
         return report
     report.weights = check.to_dict()

@@ -37,8 +37,8 @@ def baked_outtype(baked: Path) -> tuple[str | None, str | None]:
 
     ``route`` is ``gguf-to-gguf`` (source types kept), ``safetensors-to-gguf`` or None (no manifest).
     """
+    from cosmic_bake.bake.gguf import manifest_path
     from cosmic_bake.export.gguf_io import field_value, open_gguf
-    from cosmic_bake.export_gguf import manifest_path
 
     sidecar = manifest_path(baked)
     if sidecar.is_file():

@@ -20,7 +20,7 @@ gives its ``k`` columns, an embedding its rows, a bias itself); its component al
 
 Which tensors are edited, how (rows / cols / expert_rows / expert_cols / bias), with which vector
 and where the constant goes comes from the bake's own planning (:func:`cosmic_bake.bake.plan_bake`,
-:func:`cosmic_bake.bake_gguf.plan_edits`), not from a second reading of the layout.
+:func:`cosmic_bake.bake.gguf_edit.plan_edits`), not from a second reading of the layout.
 
 Metric, per unit (one tensor; one expert of a stacked expert tensor), with ``X_t`` the target
 (``X_o`` moved along ``u`` to ``c_t``) and ``E = X_b - X_t`` what the stored weights miss it by:
@@ -151,8 +151,10 @@ def check_folder(
     is the bake's own (:func:`~cosmic_bake.bake.plan_bake` with the constant placed as
     :func:`~cosmic_bake.bake.bake_folder` places it); tensors are read one at a time.
     """
-    from cosmic_bake.bake import _add_constant, _load_config, edit_vectors, plan_bake
-    from cosmic_bake.bake_constant import place_constant
+    from cosmic_bake.bake.apply import edit_vectors
+    from cosmic_bake.bake.constant import place_constant
+    from cosmic_bake.bake.folder import load_config
+    from cosmic_bake.bake.plan import add_constant, plan_bake
     from cosmic_bake.export.safetensors_read import list_weights
     from cosmic_bake.model.layout import model_layout, text_config
 
@@ -160,7 +162,7 @@ def check_folder(
     from cosmic_bake.artifacts import baked_settings
 
     d = baked_direction(direction, baked_settings(str(baked)))
-    config = _load_config(folder)
+    config = load_config(folder)
     check_size(d, int(getattr(text_config(config), "hidden_size", 0) or 0))
     listing, out = list_weights(folder), list_weights(baked)
     layout = model_layout(config)
@@ -179,7 +181,7 @@ def check_folder(
         embedding_changes=d.mode != "add" or (placement is not None and placement.kind == "embedding"),
     )
     if placement is not None:
-        _add_constant(plan, placement)
+        add_constant(plan, placement)
     r_hat = unit(d.direction.double())
     vectors = edit_vectors(plan, listing, r_hat)
     constant = d.hook().constant() if placement is not None else None

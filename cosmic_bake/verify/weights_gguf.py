@@ -74,12 +74,12 @@ class GgufTensors:
 
     def rows(self, name: str, start: int, stop: int) -> torch.Tensor:
         """Rows ``start:stop`` of the tensor's 2-D row view, as float32."""
-        from cosmic_bake.bake_gguf import _float_rows
+        from cosmic_bake.bake.gguf_edit import float_rows
 
-        return _float_rows(self.by_name[name], start, stop)
+        return float_rows(self.by_name[name], start, stop)
 
     def gain(self, name: str) -> torch.Tensor:
-        """A norm's stored gain (Gemma's ``+1`` included), as :func:`cosmic_bake.bake_gguf.edit_vectors` reads it."""
+        """A norm's stored gain (Gemma's ``+1`` included), as ``bake.gguf_edit.edit_vectors`` reads it."""
         return self.full(name).double().reshape(-1)
 
     def full(self, name: str) -> torch.Tensor:
@@ -138,7 +138,7 @@ class _ConvertedFolder:
         return x.reshape(-1, x.shape[-1])[start:stop]
 
     def reader(self) -> SimpleNamespace:
-        """Header-only stand-in for a ``GGUFReader``, enough for :func:`~cosmic_bake.bake_gguf.plan_edits`."""
+        """Header-only stand-in for a ``GGUFReader``, enough for :func:`~cosmic_bake.bake.gguf_edit.plan_edits`."""
         from gguf import GGMLQuantizationType
 
         tensors = [
@@ -149,7 +149,7 @@ class _ConvertedFolder:
 
 
 def _gguf_vectors(src, r_hat: torch.Tensor, keys: set[str]) -> dict[str, torch.Tensor]:
-    """As :func:`cosmic_bake.bake_gguf.edit_vectors`: ``unit(g * r_hat)`` with the stored gain ``g``."""
+    """As :func:`cosmic_bake.bake.gguf_edit.edit_vectors`: ``unit(g * r_hat)`` with the stored gain ``g``."""
     vectors = {"r": r_hat}
     for key in keys - {"r"}:
         block, part = key.split(".")
@@ -188,7 +188,7 @@ def check_gguf(
     A GGUF source is compared tensor by tensor (both dequantized with gguf-py). A folder is
     seen through the converter's own plan (names, stacked experts, Gemma's ``1 + w`` gains), so
     an ``--outtype`` bake from a transformers model is judged against the unrounded original.
-    The edited tensors are those :func:`~cosmic_bake.bake_gguf.plan_edits` edits.
+    The edited tensors are those :func:`~cosmic_bake.bake.gguf_edit.plan_edits` edits.
     """
     return check_gguf_files(Path(source), GgufTensors(Path(baked_gguf)), direction, embeddings)
 
@@ -198,7 +198,7 @@ def check_gguf_files(
 ) -> WeightCheck:
     from gguf import GGMLQuantizationType
 
-    from cosmic_bake.bake_gguf import plan_edits
+    from cosmic_bake.bake.gguf_edit import plan_edits
     from cosmic_bake.export.gguf_io import architecture, field_value
 
     baked = out.path

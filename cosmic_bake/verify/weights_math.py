@@ -23,7 +23,7 @@ EPS = 1e-9
 CHUNK_ELEMENTS = 1 << 20  # float64 elements per block of the math (8 MiB per temporary)
 
 
-GGUF_ROW_CHUNK = 8192  # embedding rows dequantized at a time (as bake_gguf does)
+GGUF_ROW_CHUNK = 8192  # embedding rows dequantized at a time (as bake.gguf_edit does)
 
 
 STATUSES = ("pass", "unresolved", "fail")  # best to worst

@@ -137,12 +137,12 @@ def edit_vectors(reader, r_hat: torch.Tensor, edits: list[GgufEdit]) -> dict[str
     for key in {e.vector for e in edits if e.vector not in ("r", None)}:
         block, part = key.split(".")
         norm = by_name[f"blk.{block}.{'post_attention_norm' if part == 'attn_output' else 'post_ffw_norm'}.weight"]
-        gain = _float_rows(norm, 0, 1).double().reshape(-1)
+        gain = float_rows(norm, 0, 1).double().reshape(-1)
         vectors[key] = unit(gain * r_hat)
     return vectors
 
 
-def _float_rows(tensor, start: int, stop: int) -> torch.Tensor:
+def float_rows(tensor, start: int, stop: int) -> torch.Tensor:
     """Rows ``start:stop`` of the tensor's 2-D row view, dequantized to float32."""
     data = np.asarray(tensor.data)
     flat = data.reshape(-1, data.shape[-1])
@@ -169,15 +169,15 @@ def edited_data(tensor, edit: GgufEdit, v: torch.Tensor | None, c: torch.Tensor 
     if edit.kind == "embed":
         parts = []
         for a in range(0, n_rows, ROW_CHUNK):
-            rows = _float_rows(tensor, a, min(n_rows, a + ROW_CHUNK))
+            rows = float_rows(tensor, a, min(n_rows, a + ROW_CHUNK))
             parts.append(_store(_each_row(rows, v, c), qtype))
         return np.concatenate(parts)
     if edit.kind == "bias":
-        return _store(_each_row(_float_rows(tensor, 0, n_rows), v, c), qtype)
+        return _store(_each_row(float_rows(tensor, 0, n_rows), v, c), qtype)
     d = int(tensor.shape[1])
     out = []
     for e in range(n_rows // d):  # one matrix [d, k] per expert (one for dense writers)
-        w = _float_rows(tensor, e * d, (e + 1) * d)
+        w = float_rows(tensor, e * d, (e + 1) * d)
         out.append(_store(project_out_rows_(w, v), qtype))
     return np.concatenate(out)
 
@@ -202,7 +202,7 @@ def _constant_edit(edits: list[GgufEdit], by_name: dict, d: Direction, arch: str
     with ``ffn_*_exps`` experts instead, and there the loader reads no FFN bias at all (an extra one
     makes it refuse the file: wrong number of tensors). ``attn_output.bias`` is read in every block,
     but it enters before the MLP, which would then see the constant: not the hook. So an MoE block
-    is refused, as in the safetensors route (:func:`~cosmic_bake.bake_constant.place_constant`),
+    is refused, as in the safetensors route (:func:`~cosmic_bake.bake.constant.place_constant`),
     decided by the tensors the block has, not by the architecture's name.
     """
     if arch not in CONSTANT_ARCHS:

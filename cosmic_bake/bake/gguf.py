@@ -1,6 +1,6 @@
 """``bake --format gguf``: pick the route, write the file atomically, and its manifest beside it.
 
-GGUF sources keep their quantization (:func:`~cosmic_bake.bake_gguf.bake_gguf_file` edits the
+GGUF sources keep their quantization (:func:`~cosmic_bake.bake.gguf_edit.bake_gguf_file` edits the
 few tensors the edit touches); anything else, or an explicit ``--outtype``, is baked as
 safetensors (:func:`~cosmic_bake.bake.bake_folder`), converted to a float GGUF
 (:mod:`cosmic_bake.export.gguf_convert`) and quantized by llama.cpp
@@ -17,7 +17,7 @@ from collections.abc import Iterable
 from pathlib import Path
 
 from cosmic_bake.artifacts import Direction, gguf_provenance
-from cosmic_bake.bake_gguf import bake_gguf_file
+from cosmic_bake.bake.gguf_edit import bake_gguf_file
 from cosmic_bake.errors import CosmicBakeError
 from cosmic_bake.export import ggml_quant
 
@@ -131,7 +131,7 @@ def _bake_via_safetensors(
     folder: Path, source, d: Direction, out: Path, outtype: str, shash: str, embeddings: str
 ) -> dict:
     """transformers folder -> baked safetensors -> float GGUF -> (llama.cpp quantizer) -> ``out``."""
-    from cosmic_bake.bake import bake_folder
+    from cosmic_bake.bake.folder import bake_folder
     from cosmic_bake.export.gguf_convert import convert_folder
 
     timings = {}
