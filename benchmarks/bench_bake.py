@@ -30,8 +30,8 @@ from pathlib import Path
 import torch
 
 from cosmic_bake.artifacts import Direction
-from cosmic_bake.cli_bake import source_folder
 from cosmic_bake.export.safetensors_read import list_weights
+from cosmic_bake.model.loading import source_folder
 
 DEFAULT_MODEL = "builtin:qwen2.5-coder-0.5b-instruct"
 

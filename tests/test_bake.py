@@ -24,7 +24,8 @@ import cosmic_bake.bake.folder as bake_module
 from cosmic_bake.artifacts import SELECTION_FILE, Direction, model_hash, source_record
 from cosmic_bake.bake.folder import bake_folder
 from cosmic_bake.bake.plan import plan_bake
-from cosmic_bake.cli_bake import bake_cmd, verify_cmd
+from cosmic_bake.cli.bake import bake_cmd
+from cosmic_bake.cli.verify import verify_cmd
 from cosmic_bake.errors import CosmicBakeError
 from cosmic_bake.export import safetensors_write
 from cosmic_bake.export.safetensors_read import list_weights

@@ -27,8 +27,6 @@ from collections import deque
 from dataclasses import dataclass
 from pathlib import Path
 
-import pytest
-
 PACKAGE = "cosmic_bake"
 
 
@@ -239,14 +237,12 @@ def _is_cli(module: str) -> bool:
     return module == cli or module.startswith((cli + ".", cli + "_"))
 
 
-@pytest.mark.xfail(strict=True, reason="issue 14: until the CLI package lands")
 def test_no_import_cycles() -> None:
     graph = package_graph()
     components = strongly_connected(graph.adjacency())
     assert not components, "import cycles (lazy imports count):\n" + "\n".join(_describe(graph, c) for c in components)
 
 
-@pytest.mark.xfail(strict=True, reason="issue 14: until the CLI package lands")
 def test_only_the_command_line_imports_the_command_line() -> None:
     graph = package_graph()
     allowed = {f"{PACKAGE}.__main__"}
