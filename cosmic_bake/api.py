@@ -128,7 +128,7 @@ def bake(model: str, direction: str | Path, out: str | Path, *, format: str = "h
     ``options`` are the bake command's: ``embeddings``, ``force``, ``allow_mismatch``, ``mode``,
     ``alpha``, and ``max_shard_size`` (hf) or ``outtype``, ``edited_type``, ``edited_type_always``
     (gguf), and ``inputs`` (more paths ``out`` must keep clear of, besides the model and the
-    direction). Returns the :class:`~cosmic_bake.bake.BakeReport` (hf) or the GGUF bake's record.
+    direction). Returns the :class:`~cosmic_bake.bake.folder.BakeReport` (hf) or the GGUF bake's record.
     """
     from cosmic_bake.model.loading import model_inputs
     from cosmic_bake.outputs import check_target
@@ -165,7 +165,7 @@ def verify(
     """Compare ``baked`` (a folder, or a .gguf run in llama.cpp) with ``original`` + the hook it equals.
 
     The hook is that of the mode and alpha recorded in the baked output. Returns a
-    :class:`~cosmic_bake.verify.VerifyReport` (``.passed``, KL and logit figures, the relative
+    :class:`~cosmic_bake.verify.logits.VerifyReport` (``.passed``, KL and logit figures, the relative
     gate against the unedited model, and the prompt-free weight-space check in ``.weights``).
     """
     from cosmic_bake.artifacts import Direction, baked_settings

@@ -2,7 +2,7 @@
 
 GGUF sources keep their quantization (:func:`~cosmic_bake.bake.gguf_edit.bake_gguf_file` edits the
 few tensors the edit touches); anything else, or an explicit ``--outtype``, is baked as
-safetensors (:func:`~cosmic_bake.bake.bake_folder`), converted to a float GGUF
+safetensors (:func:`~cosmic_bake.bake.folder.bake_folder`), converted to a float GGUF
 (:mod:`cosmic_bake.export.gguf_convert`) and quantized by llama.cpp
 (:func:`~cosmic_bake.export.ggml_quant.quantize_file`). The output is written to a temporary
 file beside ``OUT.gguf`` and renamed into place only when complete, manifest first.

@@ -3,7 +3,7 @@
 A quantized file differs from the float model by its rounding, and for 4-6 bit types that
 rounding can be as large as the edit. Only a comparison with the *unedited* model stored the same
 way shows whether a baked file carries the edit: verify requires the baked file to sit much closer
-to the hook than this reference does (:data:`cosmic_bake.verify.RATIO_MAX`).
+to the hook than this reference does (:data:`cosmic_bake.verify.logits.RATIO_MAX`).
 
 The reference costs little:
 

@@ -19,7 +19,7 @@ gives its ``k`` columns, an embedding its rows, a bias itself); its component al
   constant (embedding rows, divided by the embedding scale ``s``; or a bias), else 0.
 
 Which tensors are edited, how (rows / cols / expert_rows / expert_cols / bias), with which vector
-and where the constant goes comes from the bake's own planning (:func:`cosmic_bake.bake.plan_bake`,
+and where the constant goes comes from the bake's own planning (:func:`cosmic_bake.bake.plan.plan_bake`,
 :func:`cosmic_bake.bake.gguf_edit.plan_edits`), not from a second reading of the layout.
 
 Metric, per unit (one tensor; one expert of a stacked expert tensor), with ``X_t`` the target
@@ -71,8 +71,9 @@ Q6_K re-rounded: residual ~0.01 / 0.05, within the allowance at these widths), b
 grows with ``d``.
 
 Readers stream one tensor at a time (GGUF embeddings in row chunks): :func:`check_folder`
-(transformers folders), :func:`check_gguf` (GGUF outputs, against the unedited GGUF or the
-transformers folder they were converted from), and :func:`weight_check`, which picks one.
+(transformers folders), :func:`~cosmic_bake.verify.weights_gguf.check_gguf` (GGUF outputs,
+against the unedited GGUF or the transformers folder they were converted from), and
+:func:`weight_check`, which picks one.
 """
 
 from __future__ import annotations
@@ -148,8 +149,8 @@ def check_folder(
     """Check a baked transformers folder against the folder it was baked from.
 
     ``embeddings`` (``untie`` / ``skip``) defaults to what the baked manifest records. The plan
-    is the bake's own (:func:`~cosmic_bake.bake.plan_bake` with the constant placed as
-    :func:`~cosmic_bake.bake.bake_folder` places it); tensors are read one at a time.
+    is the bake's own (:func:`~cosmic_bake.bake.plan.plan_bake` with the constant placed as
+    :func:`~cosmic_bake.bake.folder.bake_folder` places it); tensors are read one at a time.
     """
     from cosmic_bake.bake.apply import edit_vectors
     from cosmic_bake.bake.constant import place_constant

@@ -182,7 +182,7 @@ def baked_direction(direction: Direction | str | Path, settings: tuple[str, floa
 
 
 def gguf_settings(reader) -> tuple[str, float] | None:
-    """(mode, alpha) a baked GGUF records, as :func:`cosmic_bake.verify.baked_settings` reads them.
+    """(mode, alpha) a baked GGUF records, as :func:`cosmic_bake.artifacts.baked_settings` reads them.
 
     Read from the reader already open: parsing a GGUF header with a large vocabulary takes
     seconds, so each file is opened once.
