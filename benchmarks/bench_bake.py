@@ -30,15 +30,15 @@ from pathlib import Path
 import torch
 
 from cosmic_bake.artifacts import Direction
-from cosmic_bake.cli_bake import source_folder
-from cosmic_bake.export.safetensors_io import list_weights
+from cosmic_bake.export.safetensors_read import list_weights
+from cosmic_bake.model.loading import source_folder
 
 DEFAULT_MODEL = "builtin:qwen2.5-coder-0.5b-instruct"
 
 # Runs in the child: bake, then print timings and the resident set before baking.
 _CHILD = """
 import json, resource, sys, time
-from cosmic_bake.bake import bake_folder
+from cosmic_bake.bake.folder import bake_folder
 folder, run_dir, out = sys.argv[1:4]
 baseline = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
 t = time.perf_counter()

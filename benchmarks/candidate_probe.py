@@ -21,11 +21,11 @@ import time
 from pathlib import Path
 
 from cosmic_bake import api
-from cosmic_bake.evaluate import generate, is_refusal
-from cosmic_bake.model.chat import read_system_prompt
 from cosmic_bake.model.hooks import Intervention, intervene
-from cosmic_bake.prompts import load_prompts
-from cosmic_bake.select import Batches, collect_candidates
+from cosmic_bake.prompts.presets import read_system_prompt
+from cosmic_bake.prompts.sets import load_prompts
+from cosmic_bake.select.candidates import Batches, collect_candidates
+from cosmic_bake.verify.evaluate import generate, is_refusal
 
 DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"  # as reference_cosmic.py finds shared/
 

@@ -24,7 +24,7 @@ import torch
 
 from cosmic_bake import api
 from cosmic_bake.artifacts import Direction
-from cosmic_bake.verify import RATIO_MAX
+from cosmic_bake.verify.logits import RATIO_MAX
 
 REFERENCE = Path(__file__).resolve().parents[2] / "shared" / "reference" / "cosmic-qwen2.5-coder-0.5b-lce"
 MODELS = {"smollm2": "builtin:smollm2-135m-instruct", "qwen": "builtin:qwen2.5-coder-0.5b-instruct"}
@@ -41,9 +41,8 @@ EXPORTS: list[tuple[str, dict | None]] = [
 
 def source_hash(model: str) -> str:
     """The hash bake checks a direction against (the model it was selected on)."""
+    from cosmic_bake.artifacts import model_hash, source_record
     from cosmic_bake.model.loading import resolve
-    from cosmic_bake.outputs import source_record
-    from cosmic_bake.run_select import model_hash
 
     return model_hash(source_record(resolve(model)))
 
@@ -73,7 +72,7 @@ def reference_run(model: str, out: Path) -> Path:
 
 def mean_difference_run(model: str, out: Path, layer: int = 8, n: int = 32) -> Path:
     """A run folder with the harmful-minus-harmless mean residual at ``layer``'s input, last token."""
-    from cosmic_bake.prompts import load_prompts
+    from cosmic_bake.prompts.sets import load_prompts
 
     lm, _, fmt = api.load(model)
     means = []
@@ -100,7 +99,7 @@ def mean_difference_run(model: str, out: Path, layer: int = 8, n: int = 32) -> P
 def weight_figures(model: str, baked: Path, run: Path) -> dict | None:
     """The prompt-free weight-space check, when this build has it."""
     try:
-        from cosmic_bake.verify_weights import weight_check
+        from cosmic_bake.verify.weights import weight_check
     except ImportError:
         return None
     return weight_check(model, baked, Direction.load(run)).to_dict()

@@ -18,10 +18,7 @@ from collections.abc import Iterable
 from pathlib import Path
 
 from cosmic_bake.errors import CosmicBakeError
-
-HOLDOUT = 16  # validation prompts held out of a training set when none is given (as the reference run)
-VERIFY_DEFAULT_SETS = ("builtin:harmless", "builtin:harmful")
-VERIFY_DEFAULT_LIMIT = 16
+from cosmic_bake.prompts.sets import prompt_sets, verify_prompts
 
 
 def load(model: str, dtype: str = "float32", chat_template: str | None = None, system_prompt: str | None = None):
@@ -29,7 +26,7 @@ def load(model: str, dtype: str = "float32", chat_template: str | None = None, s
 
     ``chat_template`` is a Jinja template or a format string (or a file holding one);
     ``system_prompt`` replaces the template's default system prompt (text, see
-    :func:`~cosmic_bake.model.chat.read_system_prompt` for ``@FILE`` / ``preset:NAME``).
+    :func:`~cosmic_bake.prompts.presets.read_system_prompt` for ``@FILE`` / ``preset:NAME``).
     """
     from cosmic_bake.model.architecture import probe
     from cosmic_bake.model.chat import ChatFormat, read_template_option
@@ -38,37 +35,6 @@ def load(model: str, dtype: str = "float32", chat_template: str | None = None, s
     lm = load_model(model, dtype=dtype)
     arch = probe(lm.model)
     return lm, arch, ChatFormat(lm.tokenizer, read_template_option(chat_template), system_prompt)
-
-
-def prompt_sets(
-    harmful: str = "builtin:harmful",
-    harmless: str = "builtin:harmless",
-    harmful_val: str | None = None,
-    harmless_val: str | None = None,
-    column: str | None = None,
-    limit: int | None = None,
-    limit_val: int | None = None,
-) -> dict[str, list[str]]:
-    """The four prompt lists select needs; validation sets default to a held-out tail of training."""
-    from cosmic_bake.prompts import load_prompts, require_count, split_holdout
-
-    def train_and_val(train: str, val: str | None) -> tuple[list[str], list[str]]:
-        prompts = load_prompts(train, column)
-        if val is not None:
-            return prompts, load_prompts(val, column)
-        return split_holdout(prompts, fraction=min(0.2, HOLDOUT / len(prompts)) if prompts else 0.2)
-
-    hf, hf_val = train_and_val(harmful, harmful_val)
-    hl, hl_val = train_and_val(harmless, harmless_val)
-    sets = {
-        "harmful train": hf[:limit],
-        "harmless train": hl[:limit],
-        "harmful val": hf_val[:limit_val],
-        "harmless val": hl_val[:limit_val],
-    }
-    for name, prompts in sets.items():
-        require_count(prompts, 4 if "train" in name else 2, name)
-    return sets
 
 
 def select(
@@ -107,7 +73,7 @@ def select(
     """
     from cosmic_bake.model.loading import model_inputs
     from cosmic_bake.outputs import check_target, file_inputs
-    from cosmic_bake.run_select import run_select
+    from cosmic_bake.select.run_folder import run_select
 
     out = Path(out)
     inputs = [
@@ -162,7 +128,7 @@ def bake(model: str, direction: str | Path, out: str | Path, *, format: str = "h
     ``options`` are the bake command's: ``embeddings``, ``force``, ``allow_mismatch``, ``mode``,
     ``alpha``, and ``max_shard_size`` (hf) or ``outtype``, ``edited_type``, ``edited_type_always``
     (gguf), and ``inputs`` (more paths ``out`` must keep clear of, besides the model and the
-    direction). Returns the :class:`~cosmic_bake.bake.BakeReport` (hf) or the GGUF bake's record.
+    direction). Returns the :class:`~cosmic_bake.bake.folder.BakeReport` (hf) or the GGUF bake's record.
     """
     from cosmic_bake.model.loading import model_inputs
     from cosmic_bake.outputs import check_target
@@ -170,27 +136,17 @@ def bake(model: str, direction: str | Path, out: str | Path, *, format: str = "h
     inputs = [*model_inputs(model), *([direction] if isinstance(direction, str | os.PathLike) else [])]
     inputs += list(options.pop("inputs", ()))
     if format == "gguf":
-        from cosmic_bake.export_gguf import bake_to_gguf
+        from cosmic_bake.bake.gguf import bake_to_gguf
 
         return bake_to_gguf(model, Path(direction), Path(out), inputs=inputs, **options)
     if format != "hf":
         raise CosmicBakeError(f"unknown format '{format}'", "use hf or gguf")
-    from cosmic_bake.bake import bake_folder
+    from cosmic_bake.bake.folder import bake_folder
     from cosmic_bake.model.loading import source_folder
 
     check_target(out, force=options.get("force", False), inputs=inputs)  # before a GGUF source is dequantized
     source, folder = source_folder(model)
     return bake_folder(folder, direction, out, source=source, inputs=inputs, **options)
-
-
-def verify_prompts(prompts: str | None = None, column: str | None = None, limit: int | None = None) -> list[str]:
-    """A prompt file (first ``limit``), or the first 16 harmless and 16 harmful built-in prompts."""
-    from cosmic_bake.prompts import load_prompts
-
-    if prompts is not None:
-        return load_prompts(prompts, column, limit=limit)
-    n = limit or VERIFY_DEFAULT_LIMIT
-    return [p for name in VERIFY_DEFAULT_SETS for p in load_prompts(name, limit=n)]
 
 
 def verify(
@@ -209,12 +165,12 @@ def verify(
     """Compare ``baked`` (a folder, or a .gguf run in llama.cpp) with ``original`` + the hook it equals.
 
     The hook is that of the mode and alpha recorded in the baked output. Returns a
-    :class:`~cosmic_bake.verify.VerifyReport` (``.passed``, KL and logit figures, the relative
+    :class:`~cosmic_bake.verify.logits.VerifyReport` (``.passed``, KL and logit figures, the relative
     gate against the unedited model, and the prompt-free weight-space check in ``.weights``).
     """
-    from cosmic_bake.artifacts import Direction
-    from cosmic_bake.verify import add_weight_check, baked_settings
-    from cosmic_bake.verify_weights import weight_check
+    from cosmic_bake.artifacts import Direction, baked_settings
+    from cosmic_bake.verify.logits import add_weight_check
+    from cosmic_bake.verify.weights import weight_check
 
     d = Direction.load(direction)
     settings = baked_settings(str(baked))
@@ -229,7 +185,7 @@ def verify(
 
 def _verify_logits(original, baked, d, texts, dtype, chat_template, system_prompt, batch_size):
     """The logit comparison of :func:`verify`, by the baked output's kind."""
-    from cosmic_bake.verify import verify as verify_models
+    from cosmic_bake.verify.logits import verify as verify_models
 
     a, arch, fmt = load(original, dtype, chat_template, system_prompt)
     baked = Path(baked)
@@ -253,7 +209,7 @@ def _verify_logits(original, baked, d, texts, dtype, chat_template, system_promp
             return _verify_gguf(a, arch, a.source.path, d, texts, fmt, original, lora=baked)
         return _verify_gguf(a, arch, baked, d, texts, fmt, original)
     from cosmic_bake.model.loading import load_model
-    from cosmic_bake.verify import stored_dtype
+    from cosmic_bake.verify.tolerances import stored_dtype
 
     b = load_model(str(baked), dtype=dtype)
     return verify_models(a.model, arch, b.model, d, texts, fmt, batch_size, stored=stored_dtype(baked))
@@ -268,8 +224,8 @@ def _is_adapter(path: Path) -> bool:
 def _verify_gguf(a, arch, baked: Path, direction, prompts: list[str], fmt, original: str, lora: Path | None = None):
     """Run the baked GGUF in llama.cpp, and the unedited model stored the same way (relative gate, floor)."""
     from cosmic_bake.model.llamacpp import LlamaCppModel
-    from cosmic_bake.unedited_reference import unedited_gguf
-    from cosmic_bake.verify import verify_gguf
+    from cosmic_bake.verify.logits import verify_gguf
+    from cosmic_bake.verify.reference import unedited_gguf
 
     if lora is not None:  # the adapter on the base: the base itself is the unedited reference
         reference, record = a.source.path, {"kind": "base GGUF without the adapter", "file": a.source.path.name}
@@ -302,15 +258,10 @@ def export_lora(
     llama.cpp ``--lora OUT/adapter.gguf`` on the base GGUF). Returns what was written, with sizes.
     ``out`` follows the output rule against the model, the direction and ``inputs``.
     """
-    import torch
-
-    from cosmic_bake.artifacts import Direction
-    from cosmic_bake.bake import _check_direction
+    from cosmic_bake.artifacts import Direction, check_direction, model_hash, source_record
     from cosmic_bake.export import lora
-    from cosmic_bake.export.card import lora_card
     from cosmic_bake.model.loading import model_inputs
-    from cosmic_bake.outputs import atomic_dir, check_target, manifest, source_record
-    from cosmic_bake.run_select import model_hash
+    from cosmic_bake.outputs import check_target
 
     out = Path(out)
     inputs = [*model_inputs(model), direction, *inputs]
@@ -323,44 +274,5 @@ def export_lora(
         )
     lm, arch, _ = load(model)
     src = source_record(lm.source)
-    _check_direction(d, arch.d_model, model_hash(src), allow_mismatch)
-    with torch.no_grad():
-        factors = lora.removal_factors(arch, d.direction)
-    base_model = lm.source.hub_id or lm.source.spec
-    written: dict[str, int] = {}
-    warnings = []
-    if gguf and arch.tied:
-        # llama.cpp looks adapters up by tensor name, and a tied head *is* token_embd.weight: the
-        # embedding adapter would be applied to the output head too (it aborts on the shapes).
-        gguf = False
-        warnings.append(
-            "no llama.cpp adapter: the model ties its output head to the token embedding, which a llama.cpp "
-            "LoRA cannot edit separately; bake a GGUF instead (--format gguf)"
-        )
-    with atomic_dir(out, force=force, inputs=inputs) as tmp:
-        lora.write_peft(factors, tmp, base_model)
-        if gguf:
-            gguf_arch = _gguf_architecture(lm.source, arch.model_type)
-            lora.write_gguf_adapter(
-                factors,
-                tmp / lora.GGUF_ADAPTER,
-                gguf_arch,
-                {"cosmic_bake.direction_sha256": d.digest, "cosmic_bake.layer": d.layer, "cosmic_bake.mode": "ablate"},
-            )
-        (tmp / "README.md").write_text(lora_card(base_model, d, len(factors), gguf), encoding="utf-8")
-        written = {p.name: p.stat().st_size for p in tmp.iterdir()}
-        manifest(tmp, stage="bake-lora", source=src, extra={"direction": d.record(), "modules": len(factors)})
-    return {"out": str(out), "modules": len(factors), "bytes": written, "tied": arch.tied, "warnings": warnings}
-
-
-def _gguf_architecture(source, model_type: str) -> str:
-    """llama.cpp's architecture name for the base: the GGUF's own, or the converter's mapping."""
-    if source.kind == "gguf":
-        from cosmic_bake.export.gguf_io import architecture, open_gguf
-
-        return architecture(open_gguf(source.path))
-    from cosmic_bake.export.gguf_convert import SUPPORTED_MODEL_TYPES
-
-    if model_type not in SUPPORTED_MODEL_TYPES:
-        raise CosmicBakeError(f"no llama.cpp architecture known for '{model_type}'", "pass --no-gguf-adapter")
-    return SUPPORTED_MODEL_TYPES[model_type]
+    check_direction(d, arch.d_model, model_hash(src), allow_mismatch)
+    return lora.write_lora_folder(lm, arch, d, out, src=src, gguf=gguf, force=force, inputs=inputs)

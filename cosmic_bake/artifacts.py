@@ -18,7 +18,8 @@ from safetensors.torch import load_file, save_file
 
 from cosmic_bake import __version__
 from cosmic_bake.errors import CosmicBakeError
-from cosmic_bake.outputs import sha256_bytes
+from cosmic_bake.model.hooks import BAKED_MODES
+from cosmic_bake.outputs import read_json, sha256_bytes, sha256_file
 
 DIRECTION_FILE = "direction.safetensors"
 SELECTION_FILE = "selection.json"
@@ -119,3 +120,98 @@ class Direction:
             model_hash=meta.get("model_hash", ""),
             extra={k: v for k, v in meta.items() if k not in known},
         )
+
+
+def model_hash(source_rec: dict) -> str:
+    """One hash naming the source model: of its files' hashes, in name order."""
+    files = source_rec.get("files") or {}
+    if not files:
+        return f"hub:{source_rec.get('hub_id')}@{source_rec.get('revision') or 'main'}"
+    return sha256_bytes("".join(f"{k}:{v};" for k, v in sorted(files.items())).encode())
+
+
+def source_record(source) -> dict:
+    """Where the model came from, with file hashes so anyone can check they have the same one."""
+    rec: dict = {"spec": source.spec, "kind": source.kind}
+    if source.hub_id:
+        rec.update(hub_id=source.hub_id, revision=source.revision)
+    rec["files"] = {p.name: sha256_file(p) for p in source.files}
+    return rec
+
+
+def check_direction(direction: Direction, d_model: int, source_hash: str, allow_mismatch: bool) -> None:
+    if direction.mode == "ace":
+        raise CosmicBakeError(
+            "ACE applied at one layer cannot be carried by weights exactly",
+            "select with --mode affine (its bakeable form), or bake with --mode affine",
+        )
+    if direction.mode not in BAKED_MODES:
+        raise CosmicBakeError(f"cannot bake mode '{direction.mode}'", f"use one of {', '.join(BAKED_MODES)}")
+    size = direction.direction.numel()
+    if direction.direction.ndim != 1 or size != d_model:
+        raise CosmicBakeError(
+            f"the direction has {size} values but the model's hidden size is {d_model}",
+            "use a direction selected on this model",
+        )
+    if direction.model_hash and direction.model_hash != source_hash and not allow_mismatch:
+        raise CosmicBakeError(
+            f"the direction was selected on another model ({direction.model_id or 'unknown'}, "
+            f"hash {direction.model_hash[:12]}) than the one being baked (hash {source_hash[:12]})",
+            "select a direction on this model, or pass --allow-mismatch if it is the same weights in another file",
+        )
+
+
+def load_direction(direction: Direction | str | Path) -> tuple[Direction, dict | None]:
+    """The direction, and the chosen scores of the selection.json beside it, when given as a path."""
+    if isinstance(direction, Direction):
+        return direction, None
+    path = Path(direction)
+    d = Direction.load(path)
+    sel = (path if path.is_dir() else path.parent) / SELECTION_FILE
+    scores = None
+    if sel.is_file():  # scores are informational: a broken selection.json is one clear line all the same
+        scores = read_json(sel, "re-run select, or restore the run folder's selection.json").get("chosen_scores")
+    return d, scores
+
+
+def gguf_provenance(d: Direction, source_hash: str, extra: dict | None = None) -> dict[str, str | int]:
+    """The ``cosmic_bake.*`` metadata keys every baked GGUF carries."""
+    return {
+        "cosmic_bake.version": __version__,
+        "cosmic_bake.mode": d.mode,
+        "cosmic_bake.alpha": float(d.alpha),
+        "cosmic_bake.direction_sha256": d.digest,
+        "cosmic_bake.layer": int(d.layer),
+        "cosmic_bake.position": int(d.position),
+        "cosmic_bake.selector": d.selector,
+        "cosmic_bake.source_model": d.model_id or "",
+        "cosmic_bake.source_hash": source_hash,
+        **(extra or {}),
+    }
+
+
+def baked_settings(baked: str) -> tuple[str, float] | None:
+    """(mode, alpha) a baked folder's manifest or a baked GGUF's metadata records, if any."""
+    from pathlib import Path
+
+    from cosmic_bake.outputs import read_json
+
+    path = Path(baked)
+    if path.suffix.lower() == ".gguf" and path.is_file():
+        from cosmic_bake.export.gguf_io import field_value, open_gguf
+
+        reader = open_gguf(path)
+        mode = field_value(reader, "cosmic_bake.mode")
+        return (str(mode), float(field_value(reader, "cosmic_bake.alpha", 0.0))) if mode else None
+    manifest = path / "manifest.json"
+    if manifest.is_file():
+        fix = "restore the manifest.json the bake wrote, or bake the folder again"
+        bake = read_json(manifest, fix).get("bake") or {}
+        if not isinstance(bake, dict):
+            raise CosmicBakeError(f"{manifest}: its 'bake' entry is not an object", fix)
+        if "mode" in bake:
+            try:
+                return str(bake["mode"]), float(bake.get("alpha") or 0.0)
+            except (TypeError, ValueError) as err:
+                raise CosmicBakeError(f"{manifest}: the bake's alpha is not a number", fix) from err
+    return None

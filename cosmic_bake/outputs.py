@@ -78,7 +78,7 @@ def file_inputs(*values: str | os.PathLike | None) -> list[Path]:
             continue
         text = str(value)
         if text.startswith("builtin:"):
-            from cosmic_bake.prompts import BUILTIN_SETS, builtin_path
+            from cosmic_bake.prompts.sets import BUILTIN_SETS, builtin_path
 
             name = text.removeprefix("builtin:")
             paths += [builtin_path(name)] if name in BUILTIN_SETS else []
@@ -349,15 +349,6 @@ def environment() -> dict[str, str]:
         "transformers": transformers.__version__,
         "python": platform.python_version(),
     }
-
-
-def source_record(source) -> dict:
-    """Where the model came from, with file hashes so anyone can check they have the same one."""
-    rec: dict = {"spec": source.spec, "kind": source.kind}
-    if source.hub_id:
-        rec.update(hub_id=source.hub_id, revision=source.revision)
-    rec["files"] = {p.name: sha256_file(p) for p in source.files}
-    return rec
 
 
 def manifest(folder: Path, *, stage: str, source: dict, extra: dict) -> dict:

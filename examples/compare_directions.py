@@ -12,8 +12,8 @@ import torch
 
 from cosmic_bake import api
 from cosmic_bake.artifacts import Direction
-from cosmic_bake.evaluate import evaluate
-from cosmic_bake.prompts import load_prompts
+from cosmic_bake.prompts.sets import load_prompts
+from cosmic_bake.verify.evaluate import evaluate
 
 parser = argparse.ArgumentParser()
 parser.add_argument("model")

@@ -20,21 +20,22 @@ from safetensors.torch import load_file
 from tiny_models import ARCHS, HIDDEN_SIZE
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-import cosmic_bake.bake as bake_module
-from cosmic_bake.artifacts import SELECTION_FILE, Direction
-from cosmic_bake.bake import bake_folder, plan_bake
-from cosmic_bake.cli_bake import bake_cmd, verify_cmd
+import cosmic_bake.bake.folder as bake_module
+from cosmic_bake.artifacts import SELECTION_FILE, Direction, model_hash, source_record
+from cosmic_bake.bake.folder import bake_folder
+from cosmic_bake.bake.plan import plan_bake
+from cosmic_bake.cli.bake import bake_cmd
+from cosmic_bake.cli.verify import verify_cmd
 from cosmic_bake.errors import CosmicBakeError
-from cosmic_bake.export import safetensors_io
-from cosmic_bake.export.safetensors_io import list_weights
+from cosmic_bake.export import safetensors_write
+from cosmic_bake.export.safetensors_read import list_weights
 from cosmic_bake.math.projections import project_out_cols, project_out_cols_, project_out_rows, project_out_rows_, unit
 from cosmic_bake.model.architecture import probe
 from cosmic_bake.model.chat import ChatFormat
 from cosmic_bake.model.layout import model_layout
 from cosmic_bake.model.loading import ModelSource
-from cosmic_bake.outputs import sha256_file, source_record
-from cosmic_bake.run_select import model_hash
-from cosmic_bake.verify import verify
+from cosmic_bake.outputs import sha256_file
+from cosmic_bake.verify.logits import verify
 
 PROMPTS = ["Write a short poem about the sea.", "How do I bake bread?", "What is the capital of France?"]
 BIAS_ARCHS = ("llama", "gemma2", "gemma3_text")  # where the factory's bias flag changes the model
@@ -275,7 +276,7 @@ def test_output_inside_source_and_existing_output(tiny_model_factory, tmp_path):
 
 def test_disk_full_mid_write_leaves_nothing(tiny_model_factory, tmp_path, monkeypatch):
     source = tiny_model_factory("llama", tied=True, num_layers=4, shard_size="200KB")
-    real_save = safetensors_io.write_safetensors
+    real_save = safetensors_write.write_safetensors
     calls = []
 
     def failing_save(tensors, filename, metadata=None):
@@ -284,7 +285,7 @@ def test_disk_full_mid_write_leaves_nothing(tiny_model_factory, tmp_path, monkey
             raise OSError(errno.ENOSPC, "No space left on device")
         real_save(tensors, filename, metadata=metadata)
 
-    monkeypatch.setattr(safetensors_io, "write_safetensors", failing_save)
+    monkeypatch.setattr(safetensors_write, "write_safetensors", failing_save)
     with pytest.raises(CosmicBakeError, match="no space left"):
         bake_folder(source, random_direction(source), tmp_path / "baked")
     assert len(calls) == 2
@@ -336,16 +337,16 @@ def test_kill_mid_write_leaves_no_complete_looking_output(tiny_model_factory, tm
     out = tmp_path / "baked"
     code = (
         "import os, signal, sys\n"
-        "from cosmic_bake.export import safetensors_io\n"
-        "from cosmic_bake.bake import bake_folder\n"
-        "real = safetensors_io.write_safetensors\n"
+        "from cosmic_bake.export import safetensors_write\n"
+        "from cosmic_bake.bake.folder import bake_folder\n"
+        "real = safetensors_write.write_safetensors\n"
         "calls = []\n"
         "def dying(*a, **k):\n"
         "    calls.append(1)\n"
         "    if len(calls) > 1:\n"
         "        os.kill(os.getpid(), signal.SIGKILL)\n"
         "    return real(*a, **k)\n"
-        "safetensors_io.write_safetensors = dying\n"
+        "safetensors_write.write_safetensors = dying\n"
         "bake_folder(sys.argv[1], sys.argv[2], sys.argv[3])\n"
     )
     done = subprocess.run([sys.executable, "-c", code, str(source), str(run_dir), str(out)], timeout=300)

@@ -15,12 +15,12 @@ import pytest
 import torch
 
 from cosmic_bake.artifacts import Direction
-from cosmic_bake.bake import bake_folder
+from cosmic_bake.bake.folder import bake_folder
 from cosmic_bake.errors import CosmicBakeError
 from cosmic_bake.model.architecture import probe
 from cosmic_bake.model.chat import ChatFormat
 from cosmic_bake.model.loading import load_model
-from cosmic_bake.verify import verify
+from cosmic_bake.verify.logits import verify
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -128,9 +128,10 @@ def test_no_exact_place_for_a_later_constant_refuses(arch, tiny_model_factory, t
 @pytest.mark.parametrize("arch", ["llama", "qwen2"])
 @pytest.mark.parametrize("mode", ["add", "affine", "scale"])
 def test_baked_steering_gguf_equals_hook_in_llama_cpp(arch, mode, tiny_model_factory, tmp_path):
-    from cosmic_bake.export_gguf import bake_to_gguf
+    from cosmic_bake.bake.gguf import bake_to_gguf
     from cosmic_bake.model.llamacpp import LlamaCppModel
-    from cosmic_bake.verify import GGUF_TOLERANCES, verify_gguf
+    from cosmic_bake.verify.logits import verify_gguf
+    from cosmic_bake.verify.tolerances import GGUF_TOLERANCES
 
     folder = tiny_model_factory(arch, bias=True)
     d = _direction(folder, mode, 2, 1.0)
@@ -151,8 +152,9 @@ def test_affine_selection_scores_the_pinned_hook(tiny_model_factory):
     from cosmic_bake.math import scores as S
     from cosmic_bake.model.forward import forward
     from cosmic_bake.model.hooks import Intervention, intervene
-    from cosmic_bake.prompts import load_prompts
-    from cosmic_bake.select import Batches, select
+    from cosmic_bake.prompts.sets import load_prompts
+    from cosmic_bake.select.candidates import Batches
+    from cosmic_bake.select.selection import select
 
     folder = tiny_model_factory("llama")
     lm = load_model(folder)
@@ -188,11 +190,12 @@ def test_affine_selection_scores_the_pinned_hook(tiny_model_factory):
 @pytest.mark.parametrize(("layer", "mode"), [(0, "add"), (2, "add"), (2, "affine"), (0, "affine")])
 def test_gguf_to_gguf_steering_equals_hook(layer, mode, tiny_model_factory, tmp_path):
     """Llama GGUF in: the constant goes into the embedding or a new float32 ffn_down bias; equal to the hook."""
+    from cosmic_bake.bake.gguf import bake_to_gguf
     from cosmic_bake.export.gguf_convert import convert_folder
     from cosmic_bake.export.gguf_io import open_gguf
-    from cosmic_bake.export_gguf import bake_to_gguf
     from cosmic_bake.model.llamacpp import LlamaCppModel
-    from cosmic_bake.verify import GGUF_TOLERANCES, verify_gguf
+    from cosmic_bake.verify.logits import verify_gguf
+    from cosmic_bake.verify.tolerances import GGUF_TOLERANCES
 
     folder = tiny_model_factory("llama", tied=True)
     source = tmp_path / "source.gguf"
@@ -214,8 +217,8 @@ def test_gguf_to_gguf_steering_equals_hook(layer, mode, tiny_model_factory, tmp_
 
 
 def test_gguf_to_gguf_constant_without_a_place_refuses(tiny_model_factory, tmp_path):
+    from cosmic_bake.bake.gguf import bake_to_gguf
     from cosmic_bake.export.gguf_convert import convert_folder
-    from cosmic_bake.export_gguf import bake_to_gguf
 
     folder = tiny_model_factory("qwen2")
     source = tmp_path / "source.gguf"
@@ -235,11 +238,12 @@ def test_gguf_to_gguf_constant_on_a_mixtral_gguf(tiny_model_factory, tmp_path):
     made llama.cpp refuse the whole file); at layer 0 it goes into the embedding, loads in
     llama.cpp and equals the hook.
     """
+    from cosmic_bake.bake.gguf import bake_to_gguf
     from cosmic_bake.export.gguf_convert import convert_folder
     from cosmic_bake.export.gguf_io import architecture, open_gguf
-    from cosmic_bake.export_gguf import bake_to_gguf
     from cosmic_bake.model.llamacpp import LlamaCppModel
-    from cosmic_bake.verify import GGUF_TOLERANCES, verify_gguf
+    from cosmic_bake.verify.logits import verify_gguf
+    from cosmic_bake.verify.tolerances import GGUF_TOLERANCES
 
     folder = tiny_model_factory("mixtral", tied=True)
     source = tmp_path / "source.gguf"
@@ -302,8 +306,8 @@ def test_sweep_command_and_select_records_alpha(tiny_model_factory, tmp_path):
 
 def test_zero_directions_are_never_chosen(tiny_model_factory):
     """Template tokens at layer 0 have identical embeddings in every prompt: their candidate is 0 and filtered."""
-    from cosmic_bake.prompts import load_prompts
-    from cosmic_bake.select import select
+    from cosmic_bake.prompts.sets import load_prompts
+    from cosmic_bake.select.selection import select
 
     lm = load_model(tiny_model_factory("qwen2"))
     bad, good = load_prompts("builtin:harmful", limit=10), load_prompts("builtin:harmless", limit=10)

@@ -72,7 +72,7 @@ def test_refusal_score_selector_and_affine_mode(tiny_model_factory, tmp_path):
 
 
 def test_refusal_log_odds_formula():
-    from cosmic_bake.select import refusal_log_odds
+    from cosmic_bake.select.scoring import refusal_log_odds
 
     logits = torch.tensor([[0.0, 1.0, 2.0, 3.0], [3.0, 0.0, 0.0, 0.0]])
     p = torch.softmax(logits.double(), -1)[:, [0, 2]].sum(-1)

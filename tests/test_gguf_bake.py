@@ -18,17 +18,18 @@ from click.testing import CliRunner
 from tiny_models import ARCHS
 
 from cosmic_bake.artifacts import Direction
-from cosmic_bake.bake import bake_folder
+from cosmic_bake.bake.folder import bake_folder
+from cosmic_bake.bake.gguf import bake_to_gguf, manifest_path
 from cosmic_bake.cli import cli
 from cosmic_bake.errors import CosmicBakeError
 from cosmic_bake.export.gguf_convert import convert_folder
 from cosmic_bake.export.gguf_io import open_gguf
-from cosmic_bake.export_gguf import bake_to_gguf, manifest_path
 from cosmic_bake.model.architecture import probe
 from cosmic_bake.model.chat import ChatFormat
 from cosmic_bake.model.llamacpp import LlamaCppModel
 from cosmic_bake.model.loading import load_model
-from cosmic_bake.verify import GGUF_TOLERANCES, verify_gguf
+from cosmic_bake.verify.logits import verify_gguf
+from cosmic_bake.verify.tolerances import GGUF_TOLERANCES
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -246,7 +247,7 @@ def test_four_bit_gguf_runs_in_llama_cpp_and_verifies(outtype, tiny_model_factor
 
     from test_verify_gates import _strong_run
 
-    from cosmic_bake.verify import RATIO_MAX
+    from cosmic_bake.verify.logits import RATIO_MAX
 
     monkeypatch.setenv("COSMIC_BAKE_MODELS", str(tmp_path / "cache"))
     folder = tiny_model_factory("llama", hidden_size=256, intermediate_size=512)

@@ -28,7 +28,8 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 import cosmic_bake.export.gguf_convert as gc_mod
 import cosmic_bake.export.gguf_vocab as gguf_vocab
 from cosmic_bake.errors import CosmicBakeError
-from cosmic_bake.export.gguf_convert import SUPPORTED_MODEL_TYPES, ConvertReport, convert_folder
+from cosmic_bake.export.gguf_convert import ConvertReport, convert_folder
+from cosmic_bake.export.gguf_hparams import SUPPORTED_MODEL_TYPES
 from cosmic_bake.model.llamacpp import open_llama
 
 llama_cpp = pytest.importorskip("llama_cpp")

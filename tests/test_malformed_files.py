@@ -80,8 +80,8 @@ def test_malformed_bake_manifest(text, tiny_model_factory, tmp_path, monkeypatch
 @pytest.mark.parametrize("text", MALFORMED[:2])
 def test_malformed_run_stamp(text, tiny_model_factory, tmp_path, monkeypatch, capsys):
     from cosmic_bake.cli import cli
-    from cosmic_bake.recipe import load_recipe
-    from cosmic_bake.run_recipe import STAMPS, execute, plan_steps
+    from cosmic_bake.recipe.file import load_recipe
+    from cosmic_bake.recipe.runner import STAMPS, execute, plan_steps
 
     recipe = tmp_path / "tiny.toml"
     recipe.write_text(f'model = "{tiny_model_factory("llama")}"\n\n[bake]\nformats = ["hf"]\n')

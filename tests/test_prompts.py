@@ -11,13 +11,7 @@ from pathlib import Path
 import pytest
 
 from cosmic_bake.errors import CosmicBakeError
-from cosmic_bake.prompts import (
-    BUILTIN_SETS,
-    builtin_path,
-    load_prompts,
-    require_count,
-    split_holdout,
-)
+from cosmic_bake.prompts.sets import BUILTIN_SETS, builtin_path, load_prompts, require_count, split_holdout
 
 PROMPTS = ["Write a haiku about rain.", "Explain recursion.", "How do I boil an egg?"]
 

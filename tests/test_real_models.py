@@ -95,7 +95,7 @@ def test_qwen_candidates_and_eval_layers_match_official_code():
     from cosmic_bake.model.architecture import probe
     from cosmic_bake.model.chat import ChatFormat, read_template_option
     from cosmic_bake.model.loading import load_model
-    from cosmic_bake.select import Batches, collect_candidates
+    from cosmic_bake.select.candidates import Batches, collect_candidates
 
     lm = load_model(QWEN)
     arch = probe(lm.model)

@@ -10,8 +10,8 @@ from click.testing import CliRunner
 
 from cosmic_bake.cli import cli
 from cosmic_bake.errors import CosmicBakeError
-from cosmic_bake.recipe import load_recipe
-from cosmic_bake.run_recipe import plan_steps
+from cosmic_bake.recipe.file import load_recipe
+from cosmic_bake.recipe.runner import plan_steps
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 RECIPES = Path(__file__).resolve().parents[1] / "recipes"

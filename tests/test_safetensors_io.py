@@ -21,15 +21,14 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM
 
-import cosmic_bake.export.safetensors_io as st_io
+import cosmic_bake.export.safetensors_write as st_io
 from cosmic_bake.artifacts import Direction
-from cosmic_bake.bake import bake_folder
+from cosmic_bake.bake.folder import bake_folder
 from cosmic_bake.errors import CosmicBakeError
-from cosmic_bake.export.safetensors_io import (
+from cosmic_bake.export.safetensors_read import dtype_code, list_weights, read_header
+from cosmic_bake.export.safetensors_write import (
     DeferredTensor,
     StoredTensor,
-    list_weights,
-    read_header,
     write_index,
     write_safetensors,
     write_shards,
@@ -134,7 +133,7 @@ def test_stored_and_deferred_tensors(tmp_path, monkeypatch, kernel):
         monkeypatch.setattr(st_io, "CHUNK_BYTES", 7)  # many partial reads, odd sizes
     stored = {name: StoredTensor(tmp_path / info.file, info) for name, info in listing.tensors.items()}
     deferred = {
-        f"made.{name}": DeferredTensor(st_io.dtype_code(t.dtype), tuple(t.shape), lambda t=t: t.clone() + 1)
+        f"made.{name}": DeferredTensor(dtype_code(t.dtype), tuple(t.shape), lambda t=t: t.clone() + 1)
         for name, t in source.items()
         if t.dtype.is_floating_point
     }

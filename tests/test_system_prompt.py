@@ -10,7 +10,8 @@ from safetensors import safe_open
 
 from cosmic_bake.cli import cli
 from cosmic_bake.errors import CosmicBakeError
-from cosmic_bake.model.chat import ChatFormat, read_system_prompt, system_presets
+from cosmic_bake.model.chat import ChatFormat
+from cosmic_bake.prompts.presets import read_system_prompt, system_presets
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -18,7 +18,9 @@ import torch
 
 from cosmic_bake import api
 from cosmic_bake.artifacts import Direction
-from cosmic_bake.verify import RATIO_MAX, coarser, judge
+from cosmic_bake.prompts.sets import verify_prompts
+from cosmic_bake.verify.logits import RATIO_MAX, judge
+from cosmic_bake.verify.tolerances import coarser
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -37,7 +39,7 @@ def _strong_run(folder: Path, tmp: Path) -> Path:
     from cosmic_bake.model.loading import load_model
 
     lm = load_model(folder)
-    batch = ChatFormat(lm.tokenizer).encode(api.verify_prompts(limit=PROMPTS_LIMIT))
+    batch = ChatFormat(lm.tokenizer).encode(verify_prompts(limit=PROMPTS_LIMIT))
     with torch.no_grad():
         hidden = lm.model(**batch, use_cache=False, output_hidden_states=True).hidden_states[2]
     direction = hidden[batch["attention_mask"].bool()].double().mean(0)

@@ -17,22 +17,17 @@ import pytest
 import tiny_models
 import torch
 
-import cosmic_bake.bake as bake_module
+import cosmic_bake.bake.folder as bake_module
 from cosmic_bake.artifacts import Direction
-from cosmic_bake.bake import bake_folder
+from cosmic_bake.bake.folder import bake_folder
+from cosmic_bake.bake.gguf import bake_to_gguf
 from cosmic_bake.export.ggml_quant import quantize_file
 from cosmic_bake.export.gguf_convert import convert_folder
-from cosmic_bake.export_gguf import bake_to_gguf
 from cosmic_bake.math.projections import unit
-from cosmic_bake.verify_weights import (
-    CLASSES,
-    WeightCheck,
-    check_folder,
-    check_gguf,
-    check_tensor,
-    prescription,
-    weight_check,
-)
+from cosmic_bake.verify.weights import check_folder, weight_check
+from cosmic_bake.verify.weights_gguf import check_gguf
+from cosmic_bake.verify.weights_math import CLASSES, check_tensor, prescription
+from cosmic_bake.verify.weights_report import WeightCheck
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -10,7 +10,8 @@ from cosmic_bake import __version__
 
 if TYPE_CHECKING:
     from cosmic_bake.artifacts import Direction
-    from cosmic_bake.bake import BakePlan, BakeReport
+    from cosmic_bake.bake.folder import BakeReport
+    from cosmic_bake.bake.plan import BakePlan
 
 CARD_FILE = "README.md"
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")

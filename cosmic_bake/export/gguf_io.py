@@ -1,7 +1,7 @@
 """GGUF file I/O for baking: open a source with clear errors, write a copy with some tensors replaced.
 
 Format work only (gguf-py's reader and writer); which tensors change and how is decided in
-:mod:`cosmic_bake.bake_gguf`. Metadata is carried over key by key with its stored value type, so
+:mod:`cosmic_bake.bake.gguf_edit`. Metadata is carried over key by key with its stored value type, so
 tokenizer, chat template and architecture hyperparameters reach the output exactly as they were;
 unchanged tensors are written from the source's memory map, byte for byte.
 """

@@ -165,3 +165,50 @@ def write_gguf_adapter(factors: list[LoraFactor], path: Path, arch_name: str, me
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()
     writer.close()
+
+
+def write_lora_folder(lm, arch: Architecture, d, out: Path, *, src: dict, gguf: bool, force: bool, inputs=()) -> dict:
+    """Write the folder ``api.export_lora`` describes (``lm``: the loaded base, ``d``: a checked ablate direction)."""
+    from cosmic_bake.export.card import lora_card
+    from cosmic_bake.outputs import atomic_dir, manifest
+
+    with torch.no_grad():
+        factors = removal_factors(arch, d.direction)
+    base_model = lm.source.hub_id or lm.source.spec
+    written: dict[str, int] = {}
+    warnings = []
+    if gguf and arch.tied:
+        # llama.cpp looks adapters up by tensor name, and a tied head *is* token_embd.weight: the
+        # embedding adapter would be applied to the output head too (it aborts on the shapes).
+        gguf = False
+        warnings.append(
+            "no llama.cpp adapter: the model ties its output head to the token embedding, which a llama.cpp "
+            "LoRA cannot edit separately; bake a GGUF instead (--format gguf)"
+        )
+    with atomic_dir(out, force=force, inputs=inputs) as tmp:
+        write_peft(factors, tmp, base_model)
+        if gguf:
+            gguf_arch = gguf_architecture(lm.source, arch.model_type)
+            write_gguf_adapter(
+                factors,
+                tmp / GGUF_ADAPTER,
+                gguf_arch,
+                {"cosmic_bake.direction_sha256": d.digest, "cosmic_bake.layer": d.layer, "cosmic_bake.mode": "ablate"},
+            )
+        (tmp / "README.md").write_text(lora_card(base_model, d, len(factors), gguf), encoding="utf-8")
+        written = {p.name: p.stat().st_size for p in tmp.iterdir()}
+        manifest(tmp, stage="bake-lora", source=src, extra={"direction": d.record(), "modules": len(factors)})
+    return {"out": str(out), "modules": len(factors), "bytes": written, "tied": arch.tied, "warnings": warnings}
+
+
+def gguf_architecture(source, model_type: str) -> str:
+    """llama.cpp's architecture name for the base: the GGUF's own, or the converter's mapping."""
+    if source.kind == "gguf":
+        from cosmic_bake.export.gguf_io import architecture, open_gguf
+
+        return architecture(open_gguf(source.path))
+    from cosmic_bake.export.gguf_hparams import SUPPORTED_MODEL_TYPES
+
+    if model_type not in SUPPORTED_MODEL_TYPES:
+        raise CosmicBakeError(f"no llama.cpp architecture known for '{model_type}'", "pass --no-gguf-adapter")
+    return SUPPORTED_MODEL_TYPES[model_type]

@@ -18,14 +18,8 @@ def unit(r: torch.Tensor) -> torch.Tensor:
     return r / (r.norm(dim=-1, keepdim=True) + UNIT_EPS)
 
 
-def remove_component(x: torch.Tensor, r_hat: torch.Tensor) -> torch.Tensor:
-    """``x - (x . r_hat) r_hat``: linear removal (LCE ablation), out of place."""
-    r_hat = r_hat.to(x)
-    return x - (x @ r_hat).unsqueeze(-1) * r_hat
-
-
 def remove_component_(x: torch.Tensor, r_hat: torch.Tensor) -> torch.Tensor:
-    """In-place :func:`remove_component`.
+    """``x <- x - (x . r_hat) r_hat``: linear removal (LCE ablation), in place.
 
     In place on purpose: the reference code edits the hooked tensor in place, and transformers keeps
     a reference to each block's output, so an in-place edit at the input of block ``l`` is also
@@ -33,6 +27,16 @@ def remove_component_(x: torch.Tensor, r_hat: torch.Tensor) -> torch.Tensor:
     """
     r_hat = r_hat.to(x)
     x -= (x @ r_hat).unsqueeze(-1) * r_hat
+    return x
+
+
+def scale_component_(x: torch.Tensor, r_hat: torch.Tensor, beta: float, midpoint: float = 0.0) -> torch.Tensor:
+    """``x <- x + beta ((x . r_hat) - midpoint) r_hat``, in place (the ``scale`` steering mode)."""
+    r_hat = r_hat.to(x)
+    proj = x @ r_hat
+    if midpoint:
+        proj = proj - midpoint
+    x += (beta * proj).unsqueeze(-1) * r_hat
     return x
 
 

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 import torch
 
 from cosmic_bake.errors import CosmicBakeError
-from cosmic_bake.math.projections import unit
+from cosmic_bake.math.projections import affine_target, remove_component_, scale_component_, unit
 from cosmic_bake.model.architecture import Architecture
 
 KINDS = ("remove", "add", "affine", "pin", "scale")
@@ -98,7 +98,7 @@ class Intervention:
         if self.kind == "scale":
             return -self.alpha * self.midpoint() * r_hat
         mu = self.reference.detach().to(torch.float64)
-        return (mu @ r_hat) * r_hat + self.alpha * r
+        return affine_target(mu, r, r_hat, self.alpha)
 
 
 BAKED_MODES = ("ablate", "add", "affine", "scale")
@@ -146,8 +146,7 @@ class _Cast:
 def _remove_pre(r_hat: _Cast):
     def hook(_module, args, kwargs):
         x = _hidden(args, kwargs)
-        d = r_hat.like(x)
-        x -= (x @ d).unsqueeze(-1) * d
+        remove_component_(x, r_hat.like(x))
 
     return hook
 
@@ -155,8 +154,7 @@ def _remove_pre(r_hat: _Cast):
 def _remove_out(r_hat: _Cast):
     def hook(_module, _args, output):
         x = _output_tensor(output)
-        d = r_hat.like(x)
-        x -= (x @ d).unsqueeze(-1) * d
+        remove_component_(x, r_hat.like(x))
         return output
 
     return hook
@@ -165,8 +163,7 @@ def _remove_out(r_hat: _Cast):
 def _scale_pre(r_hat: _Cast, beta: float, midpoint: float):
     def hook(_module, args, kwargs):
         x = _hidden(args, kwargs)
-        d = r_hat.like(x)
-        x += (beta * ((x @ d) - midpoint)).unsqueeze(-1) * d
+        scale_component_(x, r_hat.like(x), beta, midpoint)
 
     return hook
 
@@ -174,8 +171,7 @@ def _scale_pre(r_hat: _Cast, beta: float, midpoint: float):
 def _scale_out(r_hat: _Cast, beta: float):
     def hook(_module, _args, output):
         x = _output_tensor(output)
-        d = r_hat.like(x)
-        x += (beta * (x @ d)).unsqueeze(-1) * d
+        scale_component_(x, r_hat.like(x), beta)
         return output
 
     return hook
@@ -192,8 +188,7 @@ def _add_pre(vector: _Cast):
 def _affine_pre(r_hat: _Cast, target: _Cast):
     def hook(_module, args, kwargs):
         x = _hidden(args, kwargs)
-        d = r_hat.like(x)
-        x -= (x @ d).unsqueeze(-1) * d
+        remove_component_(x, r_hat.like(x))
         x += target.like(x)
 
     return hook

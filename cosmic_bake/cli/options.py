@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import time
+
 import click
+
+from cosmic_bake.errors import CosmicBakeError
 
 SYSTEM_PROMPT_HELP = (
     "System prompt replacing the template's default: TEXT, @FILE, or preset:NAME (preset:refuse-all is the "
@@ -15,8 +19,8 @@ INPUT_FILES = "cosmic_bake.input_files"  # ctx.meta key: files option callbacks 
 
 def _read_system_prompt(ctx, _param, value):
     """Read the prompt's text now; remember an @FILE / preset file as an input the output may not touch."""
-    from cosmic_bake.model.chat import read_system_prompt
     from cosmic_bake.outputs import file_inputs
+    from cosmic_bake.prompts.presets import read_system_prompt
 
     if value is not None and value.startswith(("@", "preset:")):
         ctx.meta.setdefault(INPUT_FILES, []).extend(file_inputs(value))
@@ -137,3 +141,76 @@ def training_sets(f):
     for opt in reversed(options):
         f = opt(f)
     return f
+
+
+LLAMACPP_EVAL_CTX = 2048  # prompt + new tokens per sequence in llama.cpp eval
+
+
+def echo_kv(pairs: list[tuple[str, object]]) -> None:
+    width = max(len(k) for k, _ in pairs)
+    for k, v in pairs:
+        click.echo(f"  {k.ljust(width)}  {v}")
+
+
+def rate_text(rate: float, n: int) -> str:
+    return f"{rate:.3f} ({round(rate * n)}/{n})"
+
+
+def load_with_echo(model: str, dtype: str, chat_template: str | None, system_prompt: str | None):
+    from cosmic_bake.api import load
+
+    t = time.perf_counter()
+    lm, arch, fmt = load(model, dtype, chat_template, system_prompt)
+    click.echo(
+        f"loaded {model} ({arch.model_type}, {arch.n_layers} layers, d={arch.d_model}, "
+        f"{'tied' if arch.tied else 'untied'} embeddings) in {time.perf_counter() - t:.1f}s",
+        err=True,
+    )
+    return lm, arch, fmt
+
+
+def load_for_eval(model: str, runtime: str, kind: str, dtype: str, chat_template, system_prompt):
+    """(model, arch, fmt): a transformers model with its probe, or a llama.cpp model (arch None)."""
+    from cosmic_bake.model.loading import load_tokenizer, resolve
+
+    source = resolve(model)
+    use_llamacpp = runtime == "llama.cpp" or (runtime == "auto" and source.kind == "gguf" and kind == "none")
+    if not use_llamacpp:
+        lm, arch, fmt = load_with_echo(model, dtype, chat_template, system_prompt)
+        return lm.model, arch, fmt
+    if source.kind != "gguf":
+        raise CosmicBakeError(f"--runtime llama.cpp needs a .gguf model, not {model}", "pass a GGUF file")
+    if kind != "none":
+        raise CosmicBakeError(
+            "hooks run in transformers only", "drop --runtime llama.cpp, or evaluate a baked GGUF without --direction"
+        )
+    from cosmic_bake.model.chat import ChatFormat, read_template_option
+    from cosmic_bake.model.llamacpp import LlamaCppModel
+
+    t = time.perf_counter()
+    fmt = ChatFormat(load_tokenizer(source), read_template_option(chat_template), system_prompt)
+    llm = LlamaCppModel(source.path, n_ctx=LLAMACPP_EVAL_CTX)
+    click.echo(f"loaded {model} in llama.cpp in {time.perf_counter() - t:.1f}s", err=True)
+    return llm, None, fmt
+
+
+def parse_alphas(text: str | None) -> list[float]:
+    """``"0,0.5,1"`` -> ``[0.0, 0.5, 1.0]`` with a one-line error for anything else."""
+    if text is None:
+        return []
+    try:
+        return [float(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        problem = f"--alphas '{text}' is not a comma-separated list of numbers"
+        raise CosmicBakeError(problem, "e.g. --alphas 0,0.5,1,2") from None
+
+
+def echo_table(rows: list[tuple[str, str]]) -> None:
+    width = max(len(k) for k, _ in rows)
+    for k, v in rows:
+        click.echo(f"  {k.ljust(width)}  {v}")
+
+
+def num_text(x: float | None) -> str:
+    """A figure of the JSON report (None stands for a non-finite number there)."""
+    return "inf" if x is None else f"{x:.3g}"

@@ -39,8 +39,7 @@ import numpy as np
 import torch
 from gguf import GGMLQuantizationType
 
-from cosmic_bake import __version__
-from cosmic_bake.artifacts import Direction
+from cosmic_bake.artifacts import Direction, gguf_provenance
 from cosmic_bake.errors import CosmicBakeError
 from cosmic_bake.export import ggml_quant
 from cosmic_bake.export.gguf_io import OutTensor, architecture, copied, field_value, open_gguf, write_gguf
@@ -138,12 +137,12 @@ def edit_vectors(reader, r_hat: torch.Tensor, edits: list[GgufEdit]) -> dict[str
     for key in {e.vector for e in edits if e.vector not in ("r", None)}:
         block, part = key.split(".")
         norm = by_name[f"blk.{block}.{'post_attention_norm' if part == 'attn_output' else 'post_ffw_norm'}.weight"]
-        gain = _float_rows(norm, 0, 1).double().reshape(-1)
+        gain = float_rows(norm, 0, 1).double().reshape(-1)
         vectors[key] = unit(gain * r_hat)
     return vectors
 
 
-def _float_rows(tensor, start: int, stop: int) -> torch.Tensor:
+def float_rows(tensor, start: int, stop: int) -> torch.Tensor:
     """Rows ``start:stop`` of the tensor's 2-D row view, dequantized to float32."""
     data = np.asarray(tensor.data)
     flat = data.reshape(-1, data.shape[-1])
@@ -170,15 +169,15 @@ def edited_data(tensor, edit: GgufEdit, v: torch.Tensor | None, c: torch.Tensor 
     if edit.kind == "embed":
         parts = []
         for a in range(0, n_rows, ROW_CHUNK):
-            rows = _float_rows(tensor, a, min(n_rows, a + ROW_CHUNK))
+            rows = float_rows(tensor, a, min(n_rows, a + ROW_CHUNK))
             parts.append(_store(_each_row(rows, v, c), qtype))
         return np.concatenate(parts)
     if edit.kind == "bias":
-        return _store(_each_row(_float_rows(tensor, 0, n_rows), v, c), qtype)
+        return _store(_each_row(float_rows(tensor, 0, n_rows), v, c), qtype)
     d = int(tensor.shape[1])
     out = []
     for e in range(n_rows // d):  # one matrix [d, k] per expert (one for dense writers)
-        w = _float_rows(tensor, e * d, (e + 1) * d)
+        w = float_rows(tensor, e * d, (e + 1) * d)
         out.append(_store(project_out_rows_(w, v), qtype))
     return np.concatenate(out)
 
@@ -203,7 +202,7 @@ def _constant_edit(edits: list[GgufEdit], by_name: dict, d: Direction, arch: str
     with ``ffn_*_exps`` experts instead, and there the loader reads no FFN bias at all (an extra one
     makes it refuse the file: wrong number of tensors). ``attn_output.bias`` is read in every block,
     but it enters before the MLP, which would then see the constant: not the hook. So an MoE block
-    is refused, as in the safetensors route (:func:`~cosmic_bake.bake_constant.place_constant`),
+    is refused, as in the safetensors route (:func:`~cosmic_bake.bake.constant.place_constant`),
     decided by the tensors the block has, not by the architecture's name.
     """
     if arch not in CONSTANT_ARCHS:
@@ -256,22 +255,6 @@ class GgufBakeReport:
 
     def to_dict(self) -> dict:
         return asdict(self)
-
-
-def provenance(d: Direction, source_hash: str, extra: dict | None = None) -> dict[str, str | int]:
-    """The ``cosmic_bake.*`` metadata keys every baked GGUF carries."""
-    return {
-        "cosmic_bake.version": __version__,
-        "cosmic_bake.mode": d.mode,
-        "cosmic_bake.alpha": float(d.alpha),
-        "cosmic_bake.direction_sha256": d.digest,
-        "cosmic_bake.layer": int(d.layer),
-        "cosmic_bake.position": int(d.position),
-        "cosmic_bake.selector": d.selector,
-        "cosmic_bake.source_model": d.model_id or "",
-        "cosmic_bake.source_hash": source_hash,
-        **(extra or {}),
-    }
 
 
 def bake_gguf_file(
@@ -342,7 +325,7 @@ def bake_gguf_file(
         )
     timings = {"plan": time.perf_counter() - t0}
     t = time.perf_counter()
-    meta = provenance(
+    meta = gguf_provenance(
         direction,
         source_hash,
         {"cosmic_bake.edited_type": edited_type + (" (all edited)" if edited_type_always else " (fallback)")},

@@ -23,6 +23,7 @@ from cosmic_bake.artifacts import Direction
 from cosmic_bake.errors import CosmicBakeError
 from cosmic_bake.model.architecture import Architecture
 from cosmic_bake.model.hooks import Intervention, intervene
+from cosmic_bake.verify.tolerances import GGUF_TOLERANCES, coarser, tolerances_for, weight_class
 
 # A baked file must be at least this much closer to the hook (in mean KL) than the unedited file of
 # the same runtime and type. For small differences KL grows with the square of the logit
@@ -30,15 +31,6 @@ from cosmic_bake.model.hooks import Intervention, intervene
 # the unedited file's, i.e. on the edited side of the midpoint between the two models. A file
 # whose rounding undoes half the edit or more fails; correctly rounded 8-bit files measure ~0.03.
 RATIO_MAX = 0.25
-
-# dtype -> (max KL, min top-1 agreement). float32: float error only. Half precision: the baked
-# weights are rounded after the edit, so logits move by about the storage precision.
-TOLERANCES: dict[str, tuple[float, float]] = {
-    "float64": (1e-9, 1.0),
-    "float32": (1e-6, 1.0),
-    "bfloat16": (2e-2, 0.95),
-    "float16": (5e-3, 0.98),
-}
 
 
 @dataclass
@@ -66,7 +58,7 @@ class VerifyReport:
     ratio_max: float = RATIO_MAX
     unedited_reference: dict | None = None  # which unedited file was measured (GGUF)
     reasons: list[str] = field(default_factory=list)  # why it failed, one line each
-    weights: dict | None = None  # the prompt-free weight-space check (verify_weights.WeightCheck.to_dict)
+    weights: dict | None = None  # the prompt-free weight-space check (verify.weights_report.WeightCheck.to_dict)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -141,7 +133,7 @@ def _hook(direction: Direction | torch.Tensor) -> Intervention:
 
 
 def add_weight_check(report: VerifyReport, check) -> VerifyReport:
-    """Fold a :class:`~cosmic_bake.verify_weights.WeightCheck` (or None: nothing to check) into ``report``."""
+    """Fold a :class:`~cosmic_bake.verify.weights_report.WeightCheck` (or None: nothing to check) into ``report``."""
     if check is None:
         return report
     report.weights = check.to_dict()
@@ -153,61 +145,8 @@ def add_weight_check(report: VerifyReport, check) -> VerifyReport:
     return report
 
 
-def baked_settings(baked: str) -> tuple[str, float] | None:
-    """(mode, alpha) a baked folder's manifest or a baked GGUF's metadata records, if any."""
-    from pathlib import Path
-
-    from cosmic_bake.outputs import read_json
-
-    path = Path(baked)
-    if path.suffix.lower() == ".gguf" and path.is_file():
-        from cosmic_bake.export.gguf_io import field_value, open_gguf
-
-        reader = open_gguf(path)
-        mode = field_value(reader, "cosmic_bake.mode")
-        return (str(mode), float(field_value(reader, "cosmic_bake.alpha", 0.0))) if mode else None
-    manifest = path / "manifest.json"
-    if manifest.is_file():
-        fix = "restore the manifest.json the bake wrote, or bake the folder again"
-        bake = read_json(manifest, fix).get("bake") or {}
-        if not isinstance(bake, dict):
-            raise CosmicBakeError(f"{manifest}: its 'bake' entry is not an object", fix)
-        if "mode" in bake:
-            try:
-                return str(bake["mode"]), float(bake.get("alpha") or 0.0)
-            except (TypeError, ValueError) as err:
-                raise CosmicBakeError(f"{manifest}: the bake's alpha is not a number", fix) from err
-    return None
-
-
 def _dtype_name(model: torch.nn.Module) -> str:
     return str(next(model.parameters()).dtype).removeprefix("torch.")
-
-
-def tolerances_for(dtype: str) -> tuple[float, float]:
-    """(max KL, min top-1 agreement) for a model stored in ``dtype``."""
-    return TOLERANCES.get(dtype, TOLERANCES["bfloat16"])
-
-
-def coarser(*dtypes: str) -> str:
-    """The least precise of ``dtypes`` (by tolerance): the one whose rounding dominates."""
-    known = [d for d in dtypes if d]
-    return max(known, key=lambda d: tolerances_for(d)[0])
-
-
-_SAFETENSORS_DTYPES = {"F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16"}
-
-
-def stored_dtype(folder) -> str:
-    """The least precise float dtype among a safetensors folder's matrices (what the edit was rounded to)."""
-    from cosmic_bake.export.safetensors_io import list_weights
-
-    found = {
-        _SAFETENSORS_DTYPES[t.dtype]
-        for t in list_weights(folder).tensors.values()
-        if len(t.shape) >= 2 and t.dtype in _SAFETENSORS_DTYPES
-    }
-    return coarser(*found) if found else ""
 
 
 @torch.no_grad()
@@ -271,47 +210,6 @@ def verify(
         unedited_reference={"kind": "original model without the hook", "dtype": computed},
         reasons=reasons,
     )
-
-
-# GGUF in llama.cpp, by the least precise weight type in the file: (mean KL, min top-1 agreement).
-# llama.cpp's CPU kernels round activations to 8 bits (or to f16) before quantized (or half)
-# matrix products, so even an unedited file differs from transformers by the "runtime floor"
-# that verify also measures; the gates sit above that floor and below what a wrong edit gives
-# (removing the direction wrongly moves mean KL by ~1e-2 and more on these models). Top-1 gates
-# are loose for quantized files: near-ties flip (and MoE routing flips whole experts).
-GGUF_TOLERANCES: dict[str, tuple[float, float]] = {
-    "F32": (1e-6, 0.999),
-    "F16": (2e-3, 0.98),
-    "BF16": (5e-3, 0.97),
-    "8-bit": (1e-2, 0.90),
-    "6-bit": (2e-2, 0.88),
-    "5-bit": (4e-2, 0.85),
-    "4-bit": (1.5e-1, 0.75),
-    "lower": (3e-1, 0.65),
-}
-
-
-def gguf_class(type_name: str) -> str:
-    """Tolerance class of a GGML tensor type name."""
-    t = type_name.upper()
-    if t in ("F32", "F64", "F16", "BF16"):
-        return "F32" if t in ("F32", "F64") else t
-    bits = {"Q8": "8-bit", "Q6": "6-bit", "Q5": "5-bit", "Q4": "4-bit", "IQ4": "4-bit", "MXFP4": "4-bit"}
-    for prefix, cls in sorted(bits.items(), key=lambda kv: -len(kv[0])):
-        if t.startswith(prefix):
-            return cls
-    return "lower"
-
-
-_ORDER = list(GGUF_TOLERANCES)
-
-
-def weight_class(path) -> str:
-    """The least precise tolerance class among a GGUF's matrices (2-D and larger tensors)."""
-    from cosmic_bake.export.gguf_io import open_gguf
-
-    classes = {gguf_class(t.tensor_type.name) for t in open_gguf(path).tensors if len(t.shape) >= 2}
-    return max(classes, key=_ORDER.index) if classes else "F32"
 
 
 def _ids(fmt, prompt: str) -> torch.Tensor:

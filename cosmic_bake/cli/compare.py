@@ -6,7 +6,7 @@ from pathlib import Path
 
 import click
 
-from cosmic_bake.cli_options import cli_inputs, common_options, parse_eval_layers, selection_options, training_sets
+from cosmic_bake.cli.options import cli_inputs, common_options, parse_eval_layers, selection_options, training_sets
 from cosmic_bake.model.builtin import DEFAULT_MODEL
 
 
@@ -31,12 +31,12 @@ from cosmic_bake.model.builtin import DEFAULT_MODEL
 @common_options
 def compare_cmd(model, out, mode, force, **opts) -> None:
     """Run COSMIC and the refusal-score selector on the same prompts and compare their directions."""
-    from cosmic_bake.api import prompt_sets
-    from cosmic_bake.cli import _load
-    from cosmic_bake.compare import compare, write_comparison
+    from cosmic_bake.artifacts import source_record
+    from cosmic_bake.cli.options import load_with_echo
     from cosmic_bake.model.loading import model_inputs
-    from cosmic_bake.outputs import atomic_dir, check_target, manifest, source_record
-    from cosmic_bake.prompts import load_prompts
+    from cosmic_bake.outputs import atomic_dir, check_target, manifest
+    from cosmic_bake.prompts.sets import load_prompts, prompt_sets
+    from cosmic_bake.select.compare import compare, write_comparison
 
     o = opts
     files = ("harmful", "harmless", "harmful_val", "harmless_val", "eval_harmful", "eval_harmless", "chat_template")
@@ -46,7 +46,7 @@ def compare_cmd(model, out, mode, force, **opts) -> None:
     sets = prompt_sets(**{k: o[k] for k in keys})
     bad = load_prompts(o["eval_harmful"], o["column"], limit=o["limit_eval_harmful"])
     good = load_prompts(o["eval_harmless"], o["column"], limit=o["limit_eval_harmless"])
-    lm, arch, fmt = _load(model, o["dtype"], o["chat_template"], o["system_prompt"])
+    lm, arch, fmt = load_with_echo(model, o["dtype"], o["chat_template"], o["system_prompt"])
     result = compare(
         lm,
         arch,

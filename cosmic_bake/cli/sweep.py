@@ -6,19 +6,7 @@ from pathlib import Path
 
 import click
 
-from cosmic_bake.cli_options import cli_inputs, common_options, eval_sets
-from cosmic_bake.errors import CosmicBakeError
-
-
-def parse_alphas(text: str | None) -> list[float]:
-    """``"0,0.5,1"`` -> ``[0.0, 0.5, 1.0]`` with a one-line error for anything else."""
-    if text is None:
-        return []
-    try:
-        return [float(x) for x in text.split(",") if x.strip()]
-    except ValueError:
-        problem = f"--alphas '{text}' is not a comma-separated list of numbers"
-        raise CosmicBakeError(problem, "e.g. --alphas 0,0.5,1,2") from None
+from cosmic_bake.cli.options import cli_inputs, common_options, eval_sets, parse_alphas
 
 
 @click.command("sweep")
@@ -51,12 +39,12 @@ def sweep_cmd(
     batch_size,
 ) -> None:
     """Evaluate the baked form of a steering edit at each alpha; pick the safest within the harmless cap."""
-    from cosmic_bake.artifacts import Direction
-    from cosmic_bake.cli import _echo_kv, _load
+    from cosmic_bake.artifacts import Direction, source_record
+    from cosmic_bake.cli.options import echo_kv, load_with_echo
     from cosmic_bake.model.loading import model_inputs
-    from cosmic_bake.outputs import atomic_dir, check_target, manifest, source_record
-    from cosmic_bake.prompts import load_prompts
-    from cosmic_bake.sweep import sweep, write_sweep
+    from cosmic_bake.outputs import atomic_dir, check_target, manifest
+    from cosmic_bake.prompts.sets import load_prompts
+    from cosmic_bake.select.sweep import sweep, write_sweep
 
     values = parse_alphas(alphas)
     inputs = [*model_inputs(model), *cli_inputs(run_dir, harmful, harmless, chat_template)]
@@ -64,7 +52,7 @@ def sweep_cmd(
     d = Direction.load(run_dir)
     bad = load_prompts(harmful, column, limit=limit_harmful)
     good = load_prompts(harmless, column, limit=limit_harmless)
-    lm, arch, fmt = _load(model, dtype, chat_template, system_prompt)
+    lm, arch, fmt = load_with_echo(model, dtype, chat_template, system_prompt)
     result = sweep(
         lm.model,
         arch,
@@ -96,4 +84,4 @@ def sweep_cmd(
         mark = "  <- chosen" if r.alpha == result.chosen else ""
         rates = f"{r.harmful_refusal_rate:15.3f}  {r.harmless_refusal_rate:16.3f}"
         click.echo(f"  {r.alpha:5g}  {rates}  {r.harmless_kl:11.4f}{mark}")
-    _echo_kv([("written", f"{out} (sweep.json, sweep.png, manifest.json)")])
+    echo_kv([("written", f"{out} (sweep.json, sweep.png, manifest.json)")])

@@ -28,7 +28,7 @@ import click
 from cosmic_bake import __version__
 from cosmic_bake.errors import CosmicBakeError
 from cosmic_bake.outputs import read_json
-from cosmic_bake.recipe import Recipe, command_args, model_identity, stamp
+from cosmic_bake.recipe.file import Recipe, command_args, model_identity, stamp
 
 STAMPS = ".stamps"
 INPUT_OPTIONS = ("harmful", "harmless", "harmful_val", "harmless_val", "prompts", "chat_template", "system_prompt")
@@ -269,10 +269,3 @@ def _rate(e: dict, which: str) -> str:
 
 def exit_code(results: list[StepResult]) -> int:
     return 1 if any(r.status == "failed" for r in results) else 0
-
-
-def invoke_cli(argv: list[str]) -> None:
-    """Run one cosmic-bake command in this process (models load once per step, errors stay one line)."""
-    from cosmic_bake.cli import cli
-
-    cli.main(argv, standalone_mode=False, prog_name="cosmic-bake")

@@ -1,4 +1,4 @@
-"""``run`` command: one recipe from model to verified, evaluated exports (see run_recipe.py)."""
+"""``run`` command: one recipe from model to verified, evaluated exports (see :mod:`cosmic_bake.recipe.runner`)."""
 
 from __future__ import annotations
 
@@ -25,14 +25,12 @@ import click
 @click.option("--fresh", is_flag=True, help="Run every step again even when its inputs are unchanged.")
 def run_cmd(recipe_file, out, model, overrides, fresh) -> None:
     """Select, bake, export, verify and evaluate as RECIPE_FILE says; resumable."""
-    from cosmic_bake.cli import cli
     from cosmic_bake.export.card import CARD_FILE, card_with_results
     from cosmic_bake.outputs import TOOL, check_target, manifest, write_json, write_text
-    from cosmic_bake.recipe import load_recipe
-    from cosmic_bake.run_recipe import (
+    from cosmic_bake.recipe.file import load_recipe
+    from cosmic_bake.recipe.runner import (
         execute,
         exit_code,
-        invoke_cli,
         plan_steps,
         run_inputs,
         summarize,
@@ -41,12 +39,18 @@ def run_cmd(recipe_file, out, model, overrides, fresh) -> None:
 
     recipe = load_recipe(recipe_file, [*overrides, *([f'model="{model}"'] if model else [])])
     out = (out or Path(recipe.output or Path("runs") / Path(recipe_file).stem)).resolve()
-    commands = {name: cli.commands[name] for name in ("select", "bake", "verify", "eval")}
+    root = click.get_current_context().find_root().command  # the cosmic-bake group (no import of it here)
+    commands = {name: root.commands[name] for name in ("select", "bake", "verify", "eval")}
     steps = plan_steps(recipe, out, commands)
     # the run folder is resumed in place, never replaced; each step's own -o is checked by its command
     check_target(out, force=True, inputs=run_inputs(recipe, recipe_file), kind="run")
     click.echo(f"run {recipe_file} -> {out} ({len(steps)} steps, model {recipe.model})")
-    results = execute(recipe, steps, out, invoke_cli, fresh=fresh)
+
+    def invoke(argv: list[str]) -> None:
+        """Run one cosmic-bake command in this process (models load once per step, errors stay one line)."""
+        root.main(argv, standalone_mode=False, prog_name="cosmic-bake")
+
+    results = execute(recipe, steps, out, invoke, fresh=fresh)
     summary = summarize(out, results)
     text = summary_markdown(recipe, summary)
     write_text(out / "summary.md", text)

@@ -7,20 +7,10 @@ import time
 from collections.abc import Iterable
 from pathlib import Path
 
-from cosmic_bake.artifacts import DIRECTION_FILE, SELECTION_FILE, Direction
-from cosmic_bake.outputs import TOOL, atomic_dir, manifest, source_record, write_json
+from cosmic_bake.artifacts import DIRECTION_FILE, SELECTION_FILE, Direction, model_hash, source_record
+from cosmic_bake.outputs import TOOL, atomic_dir, manifest, write_json
 from cosmic_bake.plots import plot_layer_similarities, plot_score_grids
-from cosmic_bake.select import Selection, select
-
-
-def model_hash(source_rec: dict) -> str:
-    """One hash naming the source model: of its files' hashes, in name order."""
-    from cosmic_bake.outputs import sha256_bytes
-
-    files = source_rec.get("files") or {}
-    if not files:
-        return f"hub:{source_rec.get('hub_id')}@{source_rec.get('revision') or 'main'}"
-    return sha256_bytes("".join(f"{k}:{v};" for k, v in sorted(files.items())).encode())
+from cosmic_bake.select.selection import Selection, select
 
 
 def selection_record(sel: Selection) -> dict:
@@ -92,7 +82,7 @@ def run_select(
     ``out`` follows the output rule (:func:`cosmic_bake.outputs.check_target`) against ``inputs``.
 
     ``alphas`` (steering mode ``affine`` only): after the direction is chosen, sweep them on the
-    validation prompts with the baked hook and record the chosen alpha (:mod:`cosmic_bake.sweep`).
+    validation prompts with the baked hook and record the chosen alpha (:mod:`cosmic_bake.select.sweep`).
     """
     t0 = time.perf_counter()
     sel = select(
@@ -119,7 +109,7 @@ def run_select(
     swept = None
     if alphas:
         from cosmic_bake.errors import CosmicBakeError
-        from cosmic_bake.sweep import sweep
+        from cosmic_bake.select.sweep import sweep
 
         if mode != "affine":
             raise CosmicBakeError("--alphas applies to --mode affine", "drop --alphas, or select with --mode affine")
@@ -141,7 +131,7 @@ def run_select(
     with atomic_dir(out, force=force, inputs=inputs) as tmp:
         direction.save(tmp)
         if swept is not None:
-            from cosmic_bake.sweep import write_sweep
+            from cosmic_bake.select.sweep import write_sweep
 
             write_sweep(swept, tmp, f"affine sweep on validation prompts, {lm.source.spec}")
         plot_layer_similarities(

@@ -1,8 +1,8 @@
 """``bake --format gguf``: pick the route, write the file atomically, and its manifest beside it.
 
-GGUF sources keep their quantization (:func:`~cosmic_bake.bake_gguf.bake_gguf_file` edits the
+GGUF sources keep their quantization (:func:`~cosmic_bake.bake.gguf_edit.bake_gguf_file` edits the
 few tensors the edit touches); anything else, or an explicit ``--outtype``, is baked as
-safetensors (:func:`~cosmic_bake.bake.bake_folder`), converted to a float GGUF
+safetensors (:func:`~cosmic_bake.bake.folder.bake_folder`), converted to a float GGUF
 (:mod:`cosmic_bake.export.gguf_convert`) and quantized by llama.cpp
 (:func:`~cosmic_bake.export.ggml_quant.quantize_file`). The output is written to a temporary
 file beside ``OUT.gguf`` and renamed into place only when complete, manifest first.
@@ -16,8 +16,8 @@ import time
 from collections.abc import Iterable
 from pathlib import Path
 
-from cosmic_bake.artifacts import Direction
-from cosmic_bake.bake_gguf import bake_gguf_file, provenance
+from cosmic_bake.artifacts import Direction, gguf_provenance
+from cosmic_bake.bake.gguf_edit import bake_gguf_file
 from cosmic_bake.errors import CosmicBakeError
 from cosmic_bake.export import ggml_quant
 
@@ -77,10 +77,9 @@ def bake_to_gguf(
     manifest) may not be, contain or lie inside the model, ``run_dir`` or ``inputs``; ``force``
     replaces only a GGUF that cosmic-bake baked (:func:`cosmic_bake.outputs.check_target`).
     """
-    from cosmic_bake.bake import _check_direction, _load_direction
+    from cosmic_bake.artifacts import check_direction, load_direction, model_hash, source_record
     from cosmic_bake.model.loading import model_inputs, resolve, source_folder
-    from cosmic_bake.outputs import check_target, replace_file, source_record, write_json
-    from cosmic_bake.run_select import model_hash
+    from cosmic_bake.outputs import check_target, replace_file, write_json
 
     out = Path(out)
     inputs = [*model_inputs(model), Path(run_dir), *inputs]
@@ -92,11 +91,11 @@ def bake_to_gguf(
     ggml_quant.tensor_type(edited_type)
     source = resolve(model)
     inputs += [source.path] if source.path is not None else []
-    d, scores = _load_direction(run_dir)
+    d, scores = load_direction(run_dir)
     d = d.with_mode(mode, alpha)
     record = source_record(source)
     shash = model_hash(record)
-    _check_direction(d, d.direction.numel(), shash, allow_mismatch)
+    check_direction(d, d.direction.numel(), shash, allow_mismatch)
     t0 = time.perf_counter()
     tmp = temp_path(real)  # beside the real file (a symlinked -o included): the rename stays on one filesystem
     tmp_manifest = temp_path(manifest_path(real))
@@ -132,7 +131,7 @@ def _bake_via_safetensors(
     folder: Path, source, d: Direction, out: Path, outtype: str, shash: str, embeddings: str
 ) -> dict:
     """transformers folder -> baked safetensors -> float GGUF -> (llama.cpp quantizer) -> ``out``."""
-    from cosmic_bake.bake import bake_folder
+    from cosmic_bake.bake.folder import bake_folder
     from cosmic_bake.export.gguf_convert import convert_folder
 
     timings = {}
@@ -144,7 +143,7 @@ def _bake_via_safetensors(
         t = time.perf_counter()
         float_type = outtype if outtype in ggml_quant.FLOAT_OUTTYPES else "f32"
         float_file = work / "float.gguf"
-        conv = convert_folder(work / "hf", float_file, float_type, metadata=provenance(d, shash))
+        conv = convert_folder(work / "hf", float_file, float_type, metadata=gguf_provenance(d, shash))
         timings["convert"] = time.perf_counter() - t
         if outtype in ggml_quant.FLOAT_OUTTYPES:
             os.replace(float_file, out)

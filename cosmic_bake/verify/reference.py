@@ -3,7 +3,7 @@
 A quantized file differs from the float model by its rounding, and for 4-6 bit types that
 rounding can be as large as the edit. Only a comparison with the *unedited* model stored the same
 way shows whether a baked file carries the edit: verify requires the baked file to sit much closer
-to the hook than this reference does (:data:`cosmic_bake.verify.RATIO_MAX`).
+to the hook than this reference does (:data:`cosmic_bake.verify.logits.RATIO_MAX`).
 
 The reference costs little:
 
@@ -37,8 +37,8 @@ def baked_outtype(baked: Path) -> tuple[str | None, str | None]:
 
     ``route`` is ``gguf-to-gguf`` (source types kept), ``safetensors-to-gguf`` or None (no manifest).
     """
+    from cosmic_bake.bake.gguf import manifest_path
     from cosmic_bake.export.gguf_io import field_value, open_gguf
-    from cosmic_bake.export_gguf import manifest_path
 
     sidecar = manifest_path(baked)
     if sidecar.is_file():
@@ -74,10 +74,9 @@ def unedited_gguf(original: str, source, baked: Path) -> tuple[Path, dict]:
 
 def cached_reference(original: str, outtype: str) -> tuple[Path, dict]:
     """The unedited ``original`` as an ``outtype`` GGUF, made once (convert, then llama.cpp's quantizer)."""
+    from cosmic_bake.artifacts import model_hash, source_record
     from cosmic_bake.export.gguf_convert import convert_folder
     from cosmic_bake.model.loading import source_folder
-    from cosmic_bake.outputs import source_record
-    from cosmic_bake.run_select import model_hash
 
     source, folder = source_folder(original)
     key = model_hash(source_record(source)).replace(":", "_").replace("/", "_").replace("@", "_")[:40]

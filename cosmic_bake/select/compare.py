@@ -15,8 +15,9 @@ from pathlib import Path
 
 from cosmic_bake.artifacts import Direction
 from cosmic_bake.errors import CosmicBakeError
-from cosmic_bake.evaluate import EvalReport, evaluate, first_token_logits
-from cosmic_bake.select import SELECTORS, Batches, collect_candidates, select
+from cosmic_bake.select.candidates import SELECTORS, Batches, collect_candidates
+from cosmic_bake.select.selection import select
+from cosmic_bake.verify.evaluate import EvalReport, evaluate, first_token_logits
 
 
 @dataclass
@@ -104,7 +105,7 @@ def compare(
     ``select`` takes them. A selector with no surviving candidate gives a row saying why instead
     of ending the comparison.
     """
-    from cosmic_bake.run_select import chosen_direction
+    from cosmic_bake.select.run_folder import chosen_direction
 
     for s in selectors:
         if s not in SELECTORS:

@@ -18,7 +18,7 @@ from pathlib import Path
 
 from cosmic_bake.artifacts import Direction
 from cosmic_bake.errors import CosmicBakeError
-from cosmic_bake.evaluate import evaluate, first_token_logits
+from cosmic_bake.verify.evaluate import evaluate, first_token_logits
 
 
 @dataclass
