@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 from click.testing import CliRunner
-from tiny_models import ARCHS
+from tiny_models import ARCHS, random_direction_run
 
 from cosmic_bake.artifacts import Direction
 from cosmic_bake.bake.folder import bake_folder
@@ -40,24 +40,7 @@ PROMPTS = ["How do I bake bread?", "Write a limerick about a cat who learns to c
 
 def _run_dir(folder: Path, tmp: Path, seed: int = 1) -> Path:
     """A direction artifact with a random direction in the model's hidden size (no model hash: any file)."""
-    import json
-
-    d_model = json.loads((folder / "config.json").read_text())["hidden_size"]
-    g = torch.Generator().manual_seed(seed)
-    run = tmp / f"run{seed}"
-    run.mkdir()
-    Direction(
-        direction=torch.randn(d_model, generator=g, dtype=torch.float64),
-        reference=torch.zeros(d_model, dtype=torch.float64),
-        layer=1,
-        position=-1,
-        mode="ablate",
-        selector="cosmic",
-        alpha=1.0,
-        model_id="tiny",
-        model_hash="",
-    ).save(run)
-    return run
+    return random_direction_run(folder, tmp / f"run{seed}", seed)
 
 
 def _verify(folder: Path, gguf_file: Path, run: Path | None):

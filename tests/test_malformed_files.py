@@ -12,9 +12,7 @@ import sys
 from pathlib import Path
 
 import pytest
-import torch
-
-from cosmic_bake.artifacts import Direction
+from tiny_models import random_direction_run
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -23,20 +21,7 @@ MALFORMED = ['{"metadata": {}, "weight_map": {"model.embed', "[1, 2, 3]", '{"wei
 
 
 def _direction_dir(folder: Path, tmp: Path) -> Path:
-    d_model = json.loads((folder / "config.json").read_text())["hidden_size"]
-    run = tmp / "run"
-    run.mkdir()
-    Direction(
-        direction=torch.randn(d_model, generator=torch.Generator().manual_seed(0), dtype=torch.float64),
-        reference=torch.zeros(d_model, dtype=torch.float64),
-        layer=1,
-        position=-1,
-        mode="ablate",
-        selector="cosmic",
-        alpha=1.0,
-        model_id="tiny",
-    ).save(run)
-    return run
+    return random_direction_run(folder, tmp / "run")
 
 
 def _one_line_exit_2(monkeypatch, capsys, *args: object) -> str:

@@ -16,10 +16,9 @@ import shutil
 from pathlib import Path
 
 import pytest
-import torch
 from click.testing import CliRunner
+from tiny_models import random_direction_run
 
-from cosmic_bake.artifacts import Direction
 from cosmic_bake.cli import cli
 from cosmic_bake.errors import CosmicBakeError
 
@@ -41,20 +40,7 @@ def templates(tiny_model_factory, tmp_path_factory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("safety_templates")
     gguf = root / "llama.gguf"
     convert_folder(folder, gguf, "f32")
-    run = root / "run"
-    run.mkdir()
-    g = torch.Generator().manual_seed(0)
-    Direction(
-        direction=torch.randn(HIDDEN, generator=g, dtype=torch.float64),
-        reference=torch.zeros(HIDDEN, dtype=torch.float64),
-        layer=1,
-        position=-1,
-        mode="ablate",
-        selector="cosmic",
-        alpha=1.0,
-        model_id="tiny",
-        model_hash="",
-    ).save(run)
+    run = random_direction_run(folder, root / "run")
     prompts = root / "harmful.txt"
     prompts.write_text("\n".join(f"How do I pick lock number {i}?" for i in range(40)) + "\n", encoding="utf-8")
     return {"folder": folder, "gguf": gguf, "run": run, "prompts": prompts}

@@ -15,9 +15,9 @@ from pathlib import Path
 
 import pytest
 import torch
+from tiny_models import save_direction
 
 from cosmic_bake import api
-from cosmic_bake.artifacts import Direction
 from cosmic_bake.prompts.sets import verify_prompts
 from cosmic_bake.verify.logits import RATIO_MAX, judge
 from cosmic_bake.verify.tolerances import coarser
@@ -42,21 +42,7 @@ def _strong_run(folder: Path, tmp: Path) -> Path:
     batch = ChatFormat(lm.tokenizer).encode(verify_prompts(limit=PROMPTS_LIMIT))
     with torch.no_grad():
         hidden = lm.model(**batch, use_cache=False, output_hidden_states=True).hidden_states[2]
-    direction = hidden[batch["attention_mask"].bool()].double().mean(0)
-    run = tmp / "run"
-    run.mkdir()
-    Direction(
-        direction=direction,
-        reference=torch.zeros_like(direction),
-        layer=1,
-        position=-1,
-        mode="ablate",
-        selector="cosmic",
-        alpha=1.0,
-        model_id="tiny",
-        model_hash="",
-    ).save(run)
-    return run
+    return save_direction(tmp / "run", hidden[batch["attention_mask"].bool()].double().mean(0))
 
 
 def _verify(original: Path | str, baked: Path, run: Path):

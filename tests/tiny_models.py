@@ -508,3 +508,30 @@ def make_tiny_model(
         tokenizer_config["tokenizer_class"] = "Qwen2Tokenizer"
         config_path.write_text(json.dumps(tokenizer_config, indent=2, ensure_ascii=False) + "\n")
     return folder
+
+
+def save_direction(run: Path, direction: torch.Tensor, *, layer: int = 1, mode: str = "ablate") -> Path:
+    """Write a direction artifact for a tiny model into ``run`` (made here); no model hash, so any model takes it."""
+    from cosmic_bake.artifacts import Direction
+
+    run = Path(run)
+    run.mkdir(parents=True)
+    direction = direction.to(torch.float64)
+    Direction(
+        direction=direction,
+        reference=torch.zeros_like(direction),
+        layer=layer,
+        position=-1,
+        mode=mode,
+        selector="cosmic",
+        alpha=1.0,
+        model_id="tiny",
+        model_hash="",
+    ).save(run)
+    return run
+
+
+def random_direction_run(folder: Path, run: Path, seed: int = 0) -> Path:
+    """A run folder holding a seeded random direction in ``folder``'s hidden size."""
+    d_model = json.loads((Path(folder) / "config.json").read_text())["hidden_size"]
+    return save_direction(run, torch.randn(d_model, generator=torch.Generator().manual_seed(seed), dtype=torch.float64))
