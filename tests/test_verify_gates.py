@@ -154,5 +154,5 @@ def test_judge_gates():
     assert ratio == pytest.approx(0.5) and len(reasons) == 1
     _, reasons = judge(5e-2, 1e-2, 0.5, 0.9, 5e-2, 1.0)  # carries the edit, but too noisy
     assert len(reasons) == 2
-    assert judge(1e-3, 1e-2, 0.99, 0.9, 1e-3, 0.0)[0] == float("inf")
+    assert judge(0.0, 1e-6, 1.0, 1.0, 0.0, 0.0) == (None, [])  # an edit without effect (add at alpha 0)
     assert judge(1e-3, 1e-2, 0.99, 0.9, 1e-3, None) == (None, [])

@@ -31,6 +31,8 @@ from cosmic_bake.verify.tolerances import GGUF_TOLERANCES, coarser, tolerances_f
 # the unedited file's, i.e. on the edited side of the midpoint between the two models. A file
 # whose rounding undoes half the edit or more fails; correctly rounded 8-bit files measure ~0.03.
 RATIO_MAX = 0.25
+# An edit whose hook moves the unedited model by less than this (mean KL) has no effect to carry.
+NO_EFFECT_KL = 1e-12
 
 
 @dataclass
@@ -108,7 +110,9 @@ def judge(
     """``(ratio, reasons)``: the verdict of both gates; no reasons means PASS.
 
     ``kl`` is the statistic the absolute tolerance applies to (max KL in transformers, mean KL for
-    GGUF). ``unedited_mean_kl`` None skips the relative gate (no unedited reference measured).
+    GGUF). ``unedited_mean_kl`` None skips the relative gate (no unedited reference measured), and
+    so does an edit without measurable effect (``unedited_mean_kl <= NO_EFFECT_KL``, e.g. ``add``
+    at alpha 0): there the unedited model *is* the hook, and the absolute gates decide alone.
     """
     reasons = []
     if not kl <= kl_tol:
@@ -116,8 +120,8 @@ def judge(
     if not top1 >= top1_tol:
         reasons.append(f"top-1 agreement {top1:.4f} is below {top1_tol}")
     ratio = None
-    if unedited_mean_kl is not None:
-        ratio = mean_kl / unedited_mean_kl if unedited_mean_kl > 0 else float("inf")
+    if unedited_mean_kl is not None and unedited_mean_kl > NO_EFFECT_KL:
+        ratio = mean_kl / unedited_mean_kl
         if not ratio <= RATIO_MAX:
             reasons.append(
                 f"the baked model is no closer to the hook than {RATIO_MAX:g} x the unedited model's KL "
