@@ -26,7 +26,7 @@ from cosmic_bake.cli.options import cli_inputs, echo_table, num_text, system_pro
 def verify_cmd(
     original, baked, run_dir, prompts_file, column, limit, out, force, chat_template, system_prompt, dtype, batch_size
 ) -> None:
-    """Compare BAKED with ORIGINAL + the removal hook; exit 1 if outside tolerance."""
+    """Compare BAKED with ORIGINAL + the hook it equals, the unedited model and the weights; exit 1 on a failed gate."""
     from cosmic_bake.api import verify
     from cosmic_bake.artifacts import Direction, baked_settings
     from cosmic_bake.model.loading import model_inputs
