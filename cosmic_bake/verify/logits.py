@@ -131,6 +131,38 @@ def judge(
     return ratio, reasons
 
 
+def _report(
+    totals: _Totals,
+    n_prompts: int,
+    t0: float,
+    gate: str,
+    tolerances: tuple[float, float],
+    unedited_kl: float | None,
+    **extra,
+) -> VerifyReport:
+    """Judge ``totals`` against ``tolerances`` (KL on the ``gate`` statistic, top-1) and the unedited KL."""
+    kl_tol, top1_tol = tolerances
+    kl = totals.kl_max if gate == "max_kl" else totals.mean_kl
+    ratio, reasons = judge(kl, kl_tol, totals.top1, top1_tol, totals.mean_kl, unedited_kl)
+    return VerifyReport(
+        n_prompts=n_prompts,
+        n_positions=totals.positions,
+        max_abs_logit_diff=totals.max_abs,
+        mean_kl=totals.mean_kl,
+        max_kl=totals.kl_max,
+        top1_agreement=totals.top1,
+        kl_tolerance=kl_tol,
+        top1_tolerance=top1_tol,
+        passed=not reasons,
+        seconds=time.perf_counter() - t0,
+        gate=gate,
+        unedited_mean_kl=unedited_kl,
+        ratio=ratio,
+        reasons=reasons,
+        **extra,
+    )
+
+
 def _hook(direction: Direction | torch.Tensor) -> Intervention:
     """The hook a model baked from ``direction`` equals (a bare tensor: removal)."""
     return direction.hook() if isinstance(direction, Direction) else Intervention.remove(direction)
@@ -195,24 +227,16 @@ def verify(
     computed = _dtype_name(baked_model)
     dtype = coarser(computed, stored)
     max_kl_tol, top1_tol = tolerances_for(dtype)
-    ratio, reasons = judge(totals.kl_max, max_kl_tol, totals.top1, top1_tol, totals.mean_kl, unedited.mean_kl)
-    return VerifyReport(
-        n_prompts=len(prompts),
-        n_positions=totals.positions,
+    return _report(
+        totals,
+        len(prompts),
+        t0,
+        "max_kl",
+        (max_kl_tol, top1_tol),
+        unedited.mean_kl,
         dtype=dtype,
-        max_abs_logit_diff=totals.max_abs,
-        mean_kl=totals.mean_kl,
-        max_kl=totals.kl_max,
-        top1_agreement=totals.top1,
-        kl_tolerance=max_kl_tol,
-        top1_tolerance=top1_tol,
-        passed=not reasons,
-        seconds=time.perf_counter() - t0,
         stored_dtype=stored,
-        unedited_mean_kl=unedited.mean_kl,
-        ratio=ratio,
         unedited_reference={"kind": "original model without the hook", "dtype": computed},
-        reasons=reasons,
     )
 
 
@@ -265,25 +289,16 @@ def verify_gguf(
     cls = weight_class(baked.path)
     mean_tol, top1_tol = GGUF_TOLERANCES[cls]
     unedited_kl = plain.mean_kl if unedited is not None and ivs else None
-    ratio, reasons = judge(totals.mean_kl, mean_tol, totals.top1, top1_tol, totals.mean_kl, unedited_kl)
-    return VerifyReport(
-        n_prompts=len(prompts),
-        n_positions=totals.positions,
+    return _report(
+        totals,
+        len(prompts),
+        t0,
+        "mean_kl",
+        (mean_tol, top1_tol),
+        unedited_kl,
         dtype="float32",
-        max_abs_logit_diff=totals.max_abs,
-        mean_kl=totals.mean_kl,
-        max_kl=totals.kl_max,
-        top1_agreement=totals.top1,
-        kl_tolerance=mean_tol,
-        top1_tolerance=top1_tol,
-        passed=not reasons,
-        seconds=time.perf_counter() - t0,
         runtime="llama.cpp",
         weight_type=cls,
-        gate="mean_kl",
         runtime_floor=floor.record() if unedited is not None else None,
-        unedited_mean_kl=unedited_kl,
-        ratio=ratio,
         unedited_reference=unedited_reference,
-        reasons=reasons,
     )
