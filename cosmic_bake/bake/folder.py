@@ -104,6 +104,7 @@ def bake_folder(
     mode: str | None = None,
     alpha: float | None = None,
     inputs: Iterable[str | os.PathLike] = (),
+    settings: dict | None = None,
 ) -> BakeReport:
     """Bake linear removal of ``direction`` into the safetensors model in ``source_folder``; write ``out``.
 
@@ -117,6 +118,7 @@ def bake_folder(
     Returns a :class:`BakeReport`; its ``warnings`` say when the result differs from the hook.
     ``out`` may not be, contain or lie inside the source, the direction or ``inputs``; ``force``
     replaces only an earlier cosmic-bake output (:func:`cosmic_bake.outputs.check_target`).
+    ``settings`` (the bake command's, serialised) goes into the manifest.
     """
     from cosmic_bake.artifacts import model_hash
     from cosmic_bake.model.loading import ModelSource
@@ -212,7 +214,9 @@ def bake_folder(
         report.constant = placement.note if placement else ""
         base = base_model_id(src, config_dict, d)
         (tmp / CARD_FILE).write_text(model_card(report, plan, src.spec, base), encoding="utf-8")
-        manifest(tmp, stage="bake", source=record, extra=_manifest_extra(report, d, scores, plan))
+        manifest(
+            tmp, stage="bake", source=record, extra={**_manifest_extra(report, d, scores, plan), "settings": settings}
+        )
         timings["finish"] = time.perf_counter() - t
     timings["total"] = time.perf_counter() - t0
     return report

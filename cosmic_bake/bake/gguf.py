@@ -30,7 +30,9 @@ def temp_path(target: Path) -> Path:
     return Path(name)
 
 
-def _manifest(out: Path, written: Path, record: dict, d: Direction, scores: dict | None, bake: dict) -> dict:
+def _manifest(
+    out: Path, written: Path, record: dict, d: Direction, scores: dict | None, bake: dict, settings: dict | None
+) -> dict:
     """The manifest of ``out``, whose bytes are (still) at ``written``."""
     from cosmic_bake.outputs import environment, sha256_file
 
@@ -44,6 +46,7 @@ def _manifest(out: Path, written: Path, record: dict, d: Direction, scores: dict
         "direction": d.record(),
         "scores": scores,
         "bake": bake,
+        "settings": settings,
         "files": {out.name: sha256_file(written)},
     }
 
@@ -69,6 +72,7 @@ def bake_to_gguf(
     mode: str | None = None,
     alpha: float | None = None,
     inputs: Iterable[str | os.PathLike] = (),
+    settings: dict | None = None,
 ) -> dict:
     """Bake ``run_dir``'s direction into ``model`` and write ``out`` (a .gguf file) plus its manifest.
 
@@ -76,6 +80,7 @@ def bake_to_gguf(
     for other sources it means f16. Returns the bake section of the manifest. ``out`` (and its
     manifest) may not be, contain or lie inside the model, ``run_dir`` or ``inputs``; ``force``
     replaces only a GGUF that cosmic-bake baked (:func:`cosmic_bake.outputs.check_target`).
+    ``settings`` (the bake command's, serialised) goes into the manifest.
     """
     from cosmic_bake.artifacts import check_direction, load_direction, model_hash, source_record
     from cosmic_bake.model.loading import model_inputs, resolve, source_folder
@@ -117,7 +122,7 @@ def bake_to_gguf(
         bake["embeddings"] = embeddings
         bake["output"] = str(out)
         bake["seconds"] = time.perf_counter() - t0
-        write_json(tmp_manifest, _manifest(real, tmp, record, d, scores, bake))
+        write_json(tmp_manifest, _manifest(real, tmp, record, d, scores, bake, settings))
         real = check_target(out, force=force, inputs=inputs, kind="gguf")  # again: the bake took a while
         os.replace(tmp_manifest, manifest_path(real))
         replace_file(tmp, real)

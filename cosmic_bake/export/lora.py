@@ -167,8 +167,13 @@ def write_gguf_adapter(factors: list[LoraFactor], path: Path, arch_name: str, me
     writer.close()
 
 
-def write_lora_folder(lm, arch: Architecture, d, out: Path, *, src: dict, gguf: bool, force: bool, inputs=()) -> dict:
-    """Write the folder ``api.export_lora`` describes (``lm``: the loaded base, ``d``: a checked ablate direction)."""
+def write_lora_folder(
+    lm, arch: Architecture, d, out: Path, *, src: dict, gguf: bool, force: bool, inputs=(), settings: dict | None = None
+) -> dict:
+    """Write the folder ``api.export_lora`` describes (``lm``: the loaded base, ``d``: a checked ablate direction).
+
+    ``settings`` (the bake command's, serialised) goes into the manifest.
+    """
     from cosmic_bake.export.card import lora_card
     from cosmic_bake.outputs import atomic_dir, manifest
 
@@ -197,7 +202,12 @@ def write_lora_folder(lm, arch: Architecture, d, out: Path, *, src: dict, gguf: 
             )
         (tmp / "README.md").write_text(lora_card(base_model, d, len(factors), gguf), encoding="utf-8")
         written = {p.name: p.stat().st_size for p in tmp.iterdir()}
-        manifest(tmp, stage="bake-lora", source=src, extra={"direction": d.record(), "modules": len(factors)})
+        manifest(
+            tmp,
+            stage="bake-lora",
+            source=src,
+            extra={"direction": d.record(), "modules": len(factors), "settings": settings},
+        )
     return {"out": str(out), "modules": len(factors), "bytes": written, "tied": arch.tied, "warnings": warnings}
 
 

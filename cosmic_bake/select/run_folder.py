@@ -5,12 +5,15 @@ from __future__ import annotations
 import os
 import time
 from collections.abc import Iterable
-from pathlib import Path
+from typing import TYPE_CHECKING
 
 from cosmic_bake.artifacts import DIRECTION_FILE, SELECTION_FILE, Direction, model_hash, source_record
 from cosmic_bake.outputs import TOOL, atomic_dir, manifest, write_json
 from cosmic_bake.plots import plot_layer_similarities, plot_score_grids
 from cosmic_bake.select.selection import Selection, select
+
+if TYPE_CHECKING:
+    from cosmic_bake.settings import SelectSettings
 
 
 def selection_record(sel: Selection) -> dict:
@@ -59,29 +62,13 @@ def chosen_direction(sel: Selection, lm, fmt) -> Direction:
 
 
 def run_select(
-    lm,
-    arch,
-    fmt,
-    sets: dict[str, list[str]],
-    out: Path,
-    *,
-    mode: str,
-    selector: str,
-    batch_size: int,
-    kl_threshold: float,
-    force: bool,
-    settings: dict,
-    alphas: list[float] | None = None,
-    max_harmless_refusal: float = 0.05,
-    eval_layers: list[int] | float | None = None,
-    direction_method: str = "mean",
-    inputs: Iterable[str | os.PathLike] = (),
+    lm, arch, fmt, sets: dict[str, list[str]], s: SelectSettings, inputs: Iterable[str | os.PathLike]
 ) -> dict:
-    """Select, then write ``out`` (nothing is written if selection fails).
+    """Select as the settings ``s`` say, then write ``s.output`` (nothing is written if selection fails).
 
-    ``out`` follows the output rule (:func:`cosmic_bake.outputs.check_target`) against ``inputs``.
+    ``s.output`` follows the output rule (:func:`cosmic_bake.outputs.check_target`) against ``inputs``.
 
-    ``alphas`` (steering mode ``affine`` only): after the direction is chosen, sweep them on the
+    ``s.alphas`` (steering mode ``affine`` only): after the direction is chosen, sweep them on the
     validation prompts with the baked hook and record the chosen alpha (:mod:`cosmic_bake.select.sweep`).
     """
     t0 = time.perf_counter()
@@ -93,42 +80,39 @@ def run_select(
         harmless_train=sets["harmless train"],
         harmful_val=sets["harmful val"],
         harmless_val=sets["harmless val"],
-        mode=mode,
-        selector=selector,
-        batch_size=batch_size,
-        kl_threshold=kl_threshold,
-        eval_layers=eval_layers,
-        direction_method=direction_method,
+        mode=s.mode,
+        selector=s.selector,
+        batch_size=s.batch_size,
+        kl_threshold=s.kl_threshold,
+        eval_layers=s.eval_layers,
+        direction_method=s.direction_method,
     )
     t = time.perf_counter()
     src = source_record(lm.source)
     record = {"tool": TOOL, **selection_record(sel)}
-    record["settings"] = {**settings, "batch_size": batch_size, "kl_threshold": kl_threshold}
+    record["settings"] = s.record()
     pos, layer = sel.chosen
     direction = chosen_direction(sel, lm, fmt)
     swept = None
-    if alphas:
-        from cosmic_bake.errors import CosmicBakeError
+    if s.alphas:
         from cosmic_bake.select.sweep import sweep
 
-        if mode != "affine":
-            raise CosmicBakeError("--alphas applies to --mode affine", "drop --alphas, or select with --mode affine")
         swept = sweep(
             lm.model,
             arch,
             fmt,
             direction,
-            mode=mode,
-            alphas=alphas,
+            mode=s.mode,
+            alphas=list(s.alphas),
             harmful=sets["harmful val"],
             harmless=sets["harmless val"],
-            batch_size=min(batch_size, 16),
-            max_harmless_refusal=max_harmless_refusal,
+            batch_size=min(s.batch_size, 16),
+            max_harmless_refusal=s.max_harmless_refusal,
         )
         if swept.chosen is not None:
             direction.alpha = swept.chosen
         record["alpha_sweep"] = swept.to_dict()
-    with atomic_dir(out, force=force, inputs=inputs) as tmp:
+    with atomic_dir(s.output, force=s.force, inputs=inputs) as tmp:
         direction.save(tmp)
         if swept is not None:
             from cosmic_bake.select.sweep import write_sweep
@@ -146,7 +130,7 @@ def run_select(
             (pos + sel.candidates.n_positions, layer),
             sel.suffix_tokens,
             tmp / "scores.png",
-            f"{selector} scores ({mode}) for {lm.source.spec}",
+            f"{s.selector} scores ({s.mode}) for {lm.source.spec}",
         )
         record["timings"]["write"] = time.perf_counter() - t
         record["timings"]["total"] = time.perf_counter() - t0
