@@ -89,15 +89,7 @@ def select(model: Any = None, output: Any = None, *, session: Session | None = N
     return s.output
 
 
-def bake(
-    model: Any = None,
-    direction: Any = None,
-    output: Any = None,
-    *,
-    session: Session | None = None,
-    inputs: Paths = (),
-    **options,
-):
+def bake(model=None, direction=None, output=None, *, session: Session | None = None, inputs: Paths = (), **options):
     """Bake ``direction`` (a run folder) into ``model``; write a folder (``hf``), a ``.gguf`` file or LoRA adapters.
 
     Options are :class:`~cosmic_bake.settings.BakeSettings`' fields (``format``, ``embeddings``,
@@ -177,15 +169,7 @@ def export_lora(
     )
 
 
-def verify(
-    original: Any = None,
-    baked: Any = None,
-    direction: Any = None,
-    *,
-    session: Session | None = None,
-    inputs: Paths = (),
-    **options,
-):
+def verify(original=None, baked=None, direction=None, *, session: Session | None = None, inputs: Paths = (), **options):
     """Compare ``baked`` (a folder, or a .gguf run in llama.cpp) with ``original`` + the hook it equals.
 
     The hook is that of the mode and alpha recorded in the baked output. Returns a
@@ -283,15 +267,7 @@ def _intervention(s: EvalSettings):
     }[s.kind]()
 
 
-def sweep(
-    model: Any = None,
-    direction: Any = None,
-    output: Any = None,
-    *,
-    session: Session | None = None,
-    inputs: Paths = (),
-    **options,
-):
+def sweep(model=None, direction=None, output=None, *, session: Session | None = None, inputs: Paths = (), **options):
     """Evaluate the baked form of a steering edit at each alpha; pick the safest within the harmless cap.
 
     Options are :class:`~cosmic_bake.settings.SweepSettings`' fields. Writes ``output`` (sweep.json,
@@ -348,20 +324,7 @@ def compare(model: Any = None, output: Any = None, *, session: Session | None = 
     bad = load_prompts(s.eval_harmful, s.column, limit=s.limit_eval_harmful)
     good = load_prompts(s.eval_harmless, s.column, limit=s.limit_eval_harmless)
     lm, arch, fmt = (session or Session()).load(s.model, s.dtype, s.chat_template, s.system_prompt)
-    result = compare_selectors(
-        lm,
-        arch,
-        fmt,
-        sets,
-        eval_harmful=bad,
-        eval_harmless=good,
-        mode=s.mode,
-        batch_size=s.batch_size,
-        kl_threshold=s.kl_threshold,
-        eval_layers=s.eval_layers,
-        direction_method=s.direction_method,
-        max_new_tokens=s.max_new_tokens,
-    )
+    result = compare_selectors(lm, arch, fmt, sets, s, eval_harmful=bad, eval_harmless=good)
     with atomic_dir(s.output, force=s.force, inputs=paths) as tmp:
         write_comparison(result, tmp, compare_title(s))
         extra = {

@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING
 from cosmic_bake.artifacts import DIRECTION_FILE, SELECTION_FILE, Direction, model_hash, source_record
 from cosmic_bake.outputs import TOOL, atomic_dir, manifest, write_json
 from cosmic_bake.plots import plot_layer_similarities, plot_score_grids
-from cosmic_bake.select.selection import Selection, select
+from cosmic_bake.select.selection import Selection, select_sets
 
 if TYPE_CHECKING:
     from cosmic_bake.settings import SelectSettings
@@ -72,21 +72,7 @@ def run_select(
     validation prompts with the baked hook and record the chosen alpha (:mod:`cosmic_bake.select.sweep`).
     """
     t0 = time.perf_counter()
-    sel = select(
-        lm.model,
-        arch,
-        fmt,
-        harmful_train=sets["harmful train"],
-        harmless_train=sets["harmless train"],
-        harmful_val=sets["harmful val"],
-        harmless_val=sets["harmless val"],
-        mode=s.mode,
-        selector=s.selector,
-        batch_size=s.batch_size,
-        kl_threshold=s.kl_threshold,
-        eval_layers=s.eval_layers,
-        direction_method=s.direction_method,
-    )
+    sel = select_sets(lm.model, arch, fmt, sets, s, mode=s.mode, selector=s.selector)
     t = time.perf_counter()
     src = source_record(lm.source)
     record = {"tool": TOOL, **selection_record(sel)}

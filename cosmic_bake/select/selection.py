@@ -170,3 +170,29 @@ def select(
         counts={k: len(v.prompts) for k, v in sets.items()},
         direction_method=direction_method,
     )
+
+
+def select_sets(
+    model, arch: Architecture, fmt: ChatFormat, sets: dict[str, list[str]], s, *, mode: str, selector: str, **kw
+) -> Selection:
+    """:func:`select` on the four prompt sets of ``prompt_sets`` with the selection settings ``s``.
+
+    ``s`` carries ``batch_size``, ``kl_threshold``, ``eval_layers`` and ``direction_method`` (a
+    ``SelectSettings`` or ``CompareSettings``); ``kw`` passes ``candidates`` through.
+    """
+    return select(
+        model,
+        arch,
+        fmt,
+        harmful_train=sets["harmful train"],
+        harmless_train=sets["harmless train"],
+        harmful_val=sets["harmful val"],
+        harmless_val=sets["harmless val"],
+        mode=mode,
+        selector=selector,
+        batch_size=s.batch_size,
+        kl_threshold=s.kl_threshold,
+        eval_layers=s.eval_layers,
+        direction_method=s.direction_method,
+        **kw,
+    )

@@ -12,9 +12,9 @@ from cosmic_bake.errors import CosmicBakeError
 from cosmic_bake.model.builtin import DEFAULT_MODEL
 from cosmic_bake.settings.base import Settings, opt
 from cosmic_bake.settings.groups import (
-    FORCE_HELP,
     BakeOptions,
     EvalSets,
+    FolderOutput,
     LoadOptions,
     SelectionOptions,
     TrainingSets,
@@ -22,15 +22,21 @@ from cosmic_bake.settings.groups import (
 )
 
 MODEL_HELP = "Hub id, model folder, .gguf file or builtin:NAME."
+COMPARE_MODE_HELP = "Edit every chosen direction is scored and evaluated with (affine: alpha 0)."
 
 
 @dataclass(frozen=True, kw_only=True)
-class SelectSettings(LoadOptions, TrainingSets, SelectionOptions):
+class Selecting(LoadOptions, TrainingSets, SelectionOptions, FolderOutput):
+    """What the commands that select from a model's activations share (``select``, ``compare``)."""
+
+    model: str = opt(DEFAULT_MODEL, MODEL_HELP, argument=True, inputs="model")
+
+
+@dataclass(frozen=True, kw_only=True)
+class SelectSettings(Selecting):
     """``select``: choose a refusal direction and its layer; write a run folder."""
 
     command = "select"
-    model: str = opt(DEFAULT_MODEL, MODEL_HELP, argument=True, inputs="model")
-    output: Path = opt(help="Run folder to write.", short="-o", record=False)
     mode: str = opt(
         "ablate",
         "Score removal (ablate), the bakeable affine edit (affine), or the paper's one-layer ACE (ace, hook only).",
@@ -43,7 +49,6 @@ class SelectSettings(LoadOptions, TrainingSets, SelectionOptions):
         parse=parse_alphas,
     )
     max_harmless_refusal: float = opt(0.05, min=0, max=1)
-    force: bool = opt(False, FORCE_HELP)
 
     def check(self) -> None:
         if self.alphas and self.mode != "affine":
@@ -127,7 +132,7 @@ class EvalSettings(LoadOptions, EvalSets):
 
 
 @dataclass(frozen=True, kw_only=True)
-class SweepSettings(LoadOptions, EvalSets):
+class SweepSettings(LoadOptions, EvalSets, FolderOutput):
     """``sweep``: refusal rates and KL of a steering edit over a list of alphas."""
 
     command = "sweep"
@@ -136,28 +141,19 @@ class SweepSettings(LoadOptions, EvalSets):
     mode: str = opt("affine", choices=("add", "affine", "scale"))
     alphas: tuple[float, ...] = opt((0.0, 0.5, 1.0, 1.5, 2.0), "Comma-separated alphas.", parse=parse_alphas)
     max_harmless_refusal: float = opt(0.05, min=0, max=1)
-    output: Path = opt(help="Folder to write.", short="-o", record=False)
-    force: bool = opt(False, FORCE_HELP)
 
 
 @dataclass(frozen=True, kw_only=True)
-class CompareSettings(LoadOptions, TrainingSets, SelectionOptions):
+class CompareSettings(Selecting):
     """``compare``: COSMIC and the refusal-score selector on the same prompts, one table."""
 
     command = "compare"
-    model: str = opt(DEFAULT_MODEL, MODEL_HELP, argument=True, inputs="model")
-    output: Path = opt(help="Folder to write.", short="-o", record=False)
-    mode: str = opt(
-        "ablate",
-        "Edit every chosen direction is scored and evaluated with (affine: alpha 0).",
-        choices=("ablate", "affine"),
-    )
+    mode: str = opt("ablate", COMPARE_MODE_HELP, choices=("ablate", "affine"))
     eval_harmful: str = opt(help="Harmful prompts for the refusal rates (not used to select).", inputs="file")
     eval_harmless: str = opt(help="Harmless prompts for refusal rate and KL (not used to select).", inputs="file")
     limit_eval_harmful: int | None = opt(None, min=1)
     limit_eval_harmless: int | None = opt(100, min=1)
     max_new_tokens: int = opt(64, min=1)
-    force: bool = opt(False, FORCE_HELP)
 
 
 @dataclass(frozen=True, kw_only=True)

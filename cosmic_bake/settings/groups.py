@@ -7,6 +7,7 @@ option shared by two commands is defined once, with one default and one help tex
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from cosmic_bake.errors import CosmicBakeError
@@ -142,12 +143,12 @@ class EvalSets(Settings):
 class BakeOptions(Settings):
     """What a bake writes, whatever the format (``bake`` and the API's bake functions)."""
 
+    force: bool = opt(False, FORCE_HELP)
     embeddings: str = opt(
         "untie",
         "Edit the token embedding (untying a tied output head), or leave it alone (differs from the hook).",
         choices=("untie", "skip"),
     )
-    force: bool = opt(False, FORCE_HELP)
     max_shard_size: str | None = opt(None, "Reshard the output (e.g. 2GB); default: the source's shards.")
     allow_mismatch: bool = opt(False, "Bake a direction selected on a different model file.")
     outtype: str | None = opt(
@@ -172,3 +173,11 @@ class BakeOptions(Settings):
         choices=("ablate", "add", "affine", "scale"),
     )
     alpha: float | None = opt(None, "Coefficient for add / affine (default: the direction's).")
+
+
+@dataclass(frozen=True, kw_only=True)
+class FolderOutput(Settings):
+    """Commands that write one output folder (``select``, ``compare``, ``sweep``)."""
+
+    output: Path = opt(help="Folder to write.", short="-o", record=False)
+    force: bool = opt(False, FORCE_HELP)
