@@ -89,6 +89,9 @@ def select(model: Any = None, output: Any = None, *, session: Session | None = N
     return s.output
 
 
+GGUF_ONLY = ("outtype", "edited_type", "edited_type_always")  # bake options only the GGUF writer takes
+
+
 def bake(model=None, direction=None, output=None, *, session: Session | None = None, inputs: Paths = (), **options):
     """Bake ``direction`` (a run folder) into ``model``; write a folder (``hf``), a ``.gguf`` file or LoRA adapters.
 
@@ -125,9 +128,6 @@ def bake(model=None, direction=None, output=None, *, session: Session | None = N
         max_shard_size=s.max_shard_size,
         **common,
     )
-
-
-GGUF_ONLY = ("outtype", "edited_type", "edited_type_always")
 
 
 def export_lora(
