@@ -62,6 +62,7 @@ def select(
     force: bool = False,
     loaded=None,
     inputs: Iterable[str | os.PathLike] = (),
+    record_paths: bool = False,
 ) -> Path:
     """Choose a direction with COSMIC (or the refusal-score baseline) and write the run folder ``out``.
 
@@ -70,6 +71,8 @@ def select(
     not be, contain or lie inside the model or a prompt / template file; ``inputs`` adds paths
     this call cannot see (the CLI's system prompt @FILE). ``force`` replaces only an earlier
     cosmic-bake output or an empty folder (:func:`cosmic_bake.outputs.check_target`).
+    ``record_paths`` writes the model's and prompt files' local paths into ``selection.json`` and
+    the manifest (by default: Hub ids and file names, fit to upload).
     """
     from cosmic_bake.model.loading import model_inputs
     from cosmic_bake.outputs import check_target, file_inputs
@@ -102,6 +105,7 @@ def select(
         max_harmless_refusal=max_harmless_refusal,
         eval_layers=eval_layers,
         direction_method=direction_method,
+        record_paths=record_paths,
         settings={
             "chat_template": chat_template,
             "system_prompt": system_prompt,
@@ -126,9 +130,12 @@ def bake(model: str, direction: str | Path, out: str | Path, *, format: str = "h
     """Bake ``direction`` (a run folder) into ``model``; write a folder (``hf``) or a ``.gguf`` file.
 
     ``options`` are the bake command's: ``embeddings``, ``force``, ``allow_mismatch``, ``mode``,
-    ``alpha``, and ``max_shard_size`` (hf) or ``outtype``, ``edited_type``, ``edited_type_always``
-    (gguf), and ``inputs`` (more paths ``out`` must keep clear of, besides the model and the
-    direction). Returns the :class:`~cosmic_bake.bake.folder.BakeReport` (hf) or the GGUF bake's record.
+    ``alpha``, ``base_model`` (a Hub id for the card and GGUF keys when the source does not name
+    one), ``record_paths`` (write local paths into the manifest; by default it names the source
+    by Hub id or file name, size and hash), and ``max_shard_size`` (hf) or ``outtype``,
+    ``edited_type``, ``edited_type_always`` (gguf), and ``inputs`` (more paths ``out`` must keep
+    clear of, besides the model and the direction). Returns the
+    :class:`~cosmic_bake.bake.folder.BakeReport` (hf) or the GGUF bake's record.
     """
     from cosmic_bake.model.loading import model_inputs
     from cosmic_bake.outputs import check_target
@@ -142,9 +149,11 @@ def bake(model: str, direction: str | Path, out: str | Path, *, format: str = "h
     if format != "hf":
         raise CosmicBakeError(f"unknown format '{format}'", "use hf or gguf")
     from cosmic_bake.bake.folder import bake_folder
+    from cosmic_bake.export.lineage import check_base_model
     from cosmic_bake.model.loading import source_folder
 
     check_target(out, force=options.get("force", False), inputs=inputs)  # before a GGUF source is dequantized
+    check_base_model(options.get("base_model"))
     source, folder = source_folder(model)
     return bake_folder(folder, direction, out, source=source, inputs=inputs, **options)
 
@@ -251,21 +260,27 @@ def export_lora(
     force: bool = False,
     allow_mismatch: bool = False,
     inputs: Iterable[str | os.PathLike] = (),
+    base_model: str | None = None,
+    record_paths: bool = False,
 ) -> dict:
     """Write the removal edit as LoRA adapters: a PEFT folder (and ``adapter.gguf`` for llama.cpp).
 
     The base stays as it is: load it and apply the adapter (``PeftModel.from_pretrained``, or
     llama.cpp ``--lora OUT/adapter.gguf`` on the base GGUF). Returns what was written, with sizes.
     ``out`` follows the output rule against the model, the direction and ``inputs``.
+    ``base_model`` (a Hub id) names the base on the card and in ``adapter_config.json`` when the
+    source does not; ``record_paths`` writes local paths into the manifest and adapter config.
     """
     from cosmic_bake.artifacts import Direction, check_direction, model_hash, source_record
     from cosmic_bake.export import lora
+    from cosmic_bake.export.lineage import check_base_model
     from cosmic_bake.model.loading import model_inputs
     from cosmic_bake.outputs import check_target
 
     out = Path(out)
     inputs = [*model_inputs(model), direction, *inputs]
     check_target(out, force=force, inputs=inputs)
+    check_base_model(base_model)
     d = Direction.load(direction)
     if d.mode != "ablate":
         raise CosmicBakeError(
@@ -273,6 +288,17 @@ def export_lora(
             "bake the full model (--format hf or gguf) for add / affine",
         )
     lm, arch, _ = load(model)
-    src = source_record(lm.source)
+    src = source_record(lm.source, record_paths)
     check_direction(d, arch.d_model, model_hash(src), allow_mismatch)
-    return lora.write_lora_folder(lm, arch, d, out, src=src, gguf=gguf, force=force, inputs=inputs)
+    return lora.write_lora_folder(
+        lm,
+        arch,
+        d,
+        out,
+        src=src,
+        gguf=gguf,
+        force=force,
+        inputs=inputs,
+        base_model=base_model,
+        record_paths=record_paths,
+    )

@@ -11,6 +11,7 @@ from cosmic_bake.artifacts import DIRECTION_FILE, SELECTION_FILE, Direction, mod
 from cosmic_bake.outputs import TOOL, atomic_dir, manifest, write_json
 from cosmic_bake.plots import plot_layer_similarities, plot_score_grids
 from cosmic_bake.select.selection import Selection, select
+from cosmic_bake.sharing import portable, portable_name
 
 
 def selection_record(sel: Selection) -> dict:
@@ -52,7 +53,7 @@ def chosen_direction(sel: Selection, lm, fmt) -> Direction:
         mode=sel.mode,
         selector=sel.selector,
         alpha=0.0 if sel.mode in ("affine", "ace") else 1.0,
-        model_id=lm.source.spec,
+        model_id=portable_name(lm.source.spec),  # Hub id, builtin:NAME or file name: the artifact travels
         model_hash=model_hash(source_record(lm.source)),
         extra=extra,
     )
@@ -76,10 +77,13 @@ def run_select(
     eval_layers: list[int] | float | None = None,
     direction_method: str = "mean",
     inputs: Iterable[str | os.PathLike] = (),
+    record_paths: bool = False,
 ) -> dict:
     """Select, then write ``out`` (nothing is written if selection fails).
 
     ``out`` follows the output rule (:func:`cosmic_bake.outputs.check_target`) against ``inputs``.
+    ``selection.json`` and the manifest name the model and prompt files by Hub id or file name
+    (``push`` uploads them with a run) unless ``record_paths``.
 
     ``alphas`` (steering mode ``affine`` only): after the direction is chosen, sweep them on the
     validation prompts with the baked hook and record the chosen alpha (:mod:`cosmic_bake.select.sweep`).
@@ -101,9 +105,10 @@ def run_select(
         direction_method=direction_method,
     )
     t = time.perf_counter()
-    src = source_record(lm.source)
+    src = source_record(lm.source, record_paths)
+    name = portable_name(lm.source.spec)
     record = {"tool": TOOL, **selection_record(sel)}
-    record["settings"] = {**settings, "batch_size": batch_size, "kl_threshold": kl_threshold}
+    record["settings"] = portable({**settings, "batch_size": batch_size, "kl_threshold": kl_threshold}, record_paths)
     pos, layer = sel.chosen
     direction = chosen_direction(sel, lm, fmt)
     swept = None
@@ -133,12 +138,12 @@ def run_select(
         if swept is not None:
             from cosmic_bake.select.sweep import write_sweep
 
-            write_sweep(swept, tmp, f"affine sweep on validation prompts, {lm.source.spec}")
+            write_sweep(swept, tmp, f"affine sweep on validation prompts, {name}")
         plot_layer_similarities(
             sel.candidates.similarities,
             sel.eval_layers,
             tmp / "layer_similarities.png",
-            f"{lm.source.spec}: harmful vs harmless, last token",
+            f"{name}: harmful vs harmless, last token",
         )
         grids = dict(zip(sel.grid.names, (sel.grid.first, sel.grid.second, sel.grid.kl)))
         plot_score_grids(
@@ -146,7 +151,7 @@ def run_select(
             (pos + sel.candidates.n_positions, layer),
             sel.suffix_tokens,
             tmp / "scores.png",
-            f"{selector} scores ({mode}) for {lm.source.spec}",
+            f"{selector} scores ({mode}) for {name}",
         )
         record["timings"]["write"] = time.perf_counter() - t
         record["timings"]["total"] = time.perf_counter() - t0
@@ -160,5 +165,6 @@ def run_select(
                 "scores": record["chosen_scores"],
                 "settings": record["settings"],
             },
+            record_paths=record_paths,
         )
     return record
