@@ -48,9 +48,9 @@ def place(tmp_path, monkeypatch):
     os.umask(old)
 
 
-def _source(tiny_model_factory, place: Path) -> str:
+def _source(tiny_model_factory, place: Path, num_layers: int = 2) -> str:
     """A copy of a tiny qwen2 model under ``srcdir-q7x/`` (biases: the Qwen case), typed relative."""
-    folder = tiny_model_factory("qwen2", bias=True, num_layers=2)
+    folder = tiny_model_factory("qwen2", bias=True, num_layers=num_layers)
     shutil.copytree(folder, place / SRC / "model")
     return f"{SRC}/model"
 
@@ -186,7 +186,7 @@ def test_run_is_fit_to_share(tiny_model_factory, place):
 
     from cosmic_bake.cli import cli
 
-    spec = _source(tiny_model_factory, place)
+    spec = _source(tiny_model_factory, place, num_layers=4)  # enough layers for select's filters
     recipe = place / "tiny.toml"
     recipe.write_text(
         f'model = "{spec}"\n[select]\nlimit = 8\nlimit_val = 4\nkl_threshold = 1e9\n'
