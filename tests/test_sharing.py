@@ -13,6 +13,7 @@ its source's.
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import stat
 from pathlib import Path
@@ -23,6 +24,7 @@ from huggingface_hub import ModelCard
 from tiny_models import random_direction_run
 
 from cosmic_bake import api
+from cosmic_bake.artifacts import Direction
 from cosmic_bake.errors import CosmicBakeError
 from cosmic_bake.export.gguf_convert import convert_folder
 from cosmic_bake.export.hub_push import check_shareable, plan_push, push
@@ -90,6 +92,15 @@ def _front(card: str) -> dict:
     return ModelCard(card, ignore_metadata_errors=False).data.to_dict()
 
 
+def _direction(place: Path) -> Path:
+    """A direction run folder whose artifact names the model by its absolute path, as select used to."""
+    run = random_direction_run(place / SRC / "model", place / "rundir" / "run")
+    d = Direction.load(run)
+    d.model_id = str(place / SRC / "model")
+    d.save(run)
+    return run
+
+
 def _gguf_source(tiny_model_factory, place: Path) -> str:
     """The tiny model as a GGUF whose own keys name it and its Hub base (as convert_hf_to_gguf writes)."""
     folder = place / _source(tiny_model_factory, place)
@@ -107,11 +118,13 @@ def _gguf_source(tiny_model_factory, place: Path) -> str:
 @pytest.mark.parametrize("kind", ["folder", "gguf"])
 def test_hf_bake_is_fit_to_share(kind, tiny_model_factory, place):
     spec = _source(tiny_model_factory, place) if kind == "folder" else _gguf_source(tiny_model_factory, place)
-    run = random_direction_run(place / SRC / "model", place / "rundir" / "run")
+    run = _direction(place)
     out = place / OUT / "baked"
     api.bake(spec, run, out, allow_mismatch=True)
     _assert_modes(out)
-    front = _front(_assert_shareable(out, place))
+    card = _assert_shareable(out, place)
+    assert re.search(r"\| tensors changed \| 4 weight matrices and 1 embedding, of \d+ tensors", card)
+    front = _front(card)
     assert "cosmic-bake" in front["tags"]
     if kind == "gguf":  # the GGUF's own keys name its base and license
         assert front["base_model"] == "Org/Tiny-Base" and front["base_model_relation"] == "finetune"
@@ -144,7 +157,7 @@ def test_gguf_bake_is_fit_to_share(route, tiny_model_factory, place):
     else:
         spec = _source(tiny_model_factory, place)
         source_name = "model"  # what a plain conversion of the folder is named
-    run = random_direction_run(place / SRC / "model", place / "rundir" / "run")
+    run = _direction(place)
     out = place / OUT / "baked.gguf"
     bake = api.bake(
         spec, run, out, format="gguf", allow_mismatch=True, **({"outtype": "q8_0"} if "st" in route else {})
@@ -164,7 +177,7 @@ def test_gguf_bake_is_fit_to_share(route, tiny_model_factory, place):
 
 def test_lora_is_fit_to_share(tiny_model_factory, place):
     spec = _source(tiny_model_factory, place)
-    run = random_direction_run(place / SRC / "model", place / "rundir" / "run")
+    run = _direction(place)
     out = place / OUT / "lora"
     api.export_lora(spec, run, out, gguf=True, allow_mismatch=True)
     _assert_modes(out)
@@ -203,7 +216,7 @@ def test_run_is_fit_to_share(tiny_model_factory, place):
 
 def test_push_refuses_a_card_or_manifest_with_a_local_path(tiny_model_factory, place, monkeypatch):
     spec = _source(tiny_model_factory, place)
-    run = random_direction_run(place / SRC / "model", place / "rundir" / "run")
+    run = _direction(place)
     out = place / OUT / "baked"
     api.bake(spec, run, out, allow_mismatch=True)
     card = out / "README.md"
