@@ -151,7 +151,7 @@ def gguf_card(manifest: dict, file_name: str) -> str:
     lin = Lineage(**{k: v for k, v in (manifest.get("lineage") or {}).items() if k in Lineage.__dataclass_fields__})
     d, bake = manifest.get("direction") or {}, manifest.get("bake") or {}
     mode, alpha = str(d.get("mode", "ablate")), float(d.get("alpha") or 0.0)
-    types = bake.get("outtype") or "the source's tensor types (edited tensors re-quantized)"
+    types = bake.get("outtype") or "the source's tensor types, edited tensors re-quantized"
     body = [
         f"# {lin.display} ({edit_phrase(mode, alpha)}), GGUF",
         "",
@@ -159,7 +159,7 @@ def gguf_card(manifest: dict, file_name: str) -> str:
         "",
         "| | |",
         "| --- | --- |",
-        f"| file | `{file_name}` ({bake.get('route', 'gguf')}, {types}) |",
+        f"| file | `{file_name}` ({bake.get('route', 'gguf')}: {types}) |",
         f"| edit | {edit_phrase(mode, alpha)} (mode `{mode}`, selector `{d.get('selector', 'cosmic')}`) |",
         f"| chosen layer / position | {d.get('layer')} / {d.get('position')} |",
         f"| direction SHA-256 (float64) | `{d.get('sha256_float64', '')}` |",
