@@ -193,7 +193,7 @@ def check_shareable(plan: PushPlan) -> None:
         more = f" (and {len(plan.local_paths) - 1} more)" if len(plan.local_paths) > 1 else ""
         raise CosmicBakeError(
             f"{where} holds the local path {path}{more}, which would be published",
-            "make it again with this cosmic-bake (it writes file names, not folders), or with --record-paths to keep paths",
+            "make it again with this cosmic-bake (it writes file names, not folders), or with --record-paths",
         )
 
 
