@@ -162,10 +162,20 @@ def export_lora(
             "bake the full model (--format hf or gguf) for add / affine",
         )
     lm, arch, _ = (session or Session()).load(s.model)
-    src = source_record(lm.source)
+    src = source_record(lm.source, s.record_paths)
     check_direction(d, arch.d_model, model_hash(src), s.allow_mismatch)
     return lora.write_lora_folder(
-        lm, arch, d, s.output, src=src, gguf=s.gguf_adapter, force=s.force, inputs=paths, settings=s.record()
+        lm,
+        arch,
+        d,
+        s.output,
+        src=src,
+        gguf=s.gguf_adapter,
+        force=s.force,
+        inputs=paths,
+        base_model=s.base_model,
+        record_paths=s.record_paths,
+        settings=s.record(),
     )
 
 
@@ -194,7 +204,9 @@ def verify(original=None, baked=None, direction=None, *, session: Session | None
     report = add_weight_check(report, weight_check(s.original, s.baked, d))
     if s.output is not None:
         data = {"original": s.original, "baked": s.baked, "direction": str(s.direction), **report.to_dict()}
-        write_report(s.output, {**data, "settings": s.record()}, force=s.force, inputs=paths)
+        write_report(
+            s.output, {**data, "settings": s.record()}, force=s.force, inputs=paths, record_paths=s.record_paths
+        )
     return report
 
 
@@ -245,7 +257,9 @@ def evaluate(model: Any = None, *, session: Session | None = None, inputs: Paths
     if s.output is not None:
         direction = str(s.direction) if s.direction else None
         data = {"model": s.model, "direction": direction, **rep.summary(), "completions": rep.completions}
-        write_report(s.output, {**data, "settings": s.record()}, force=s.force, inputs=paths)
+        write_report(
+            s.output, {**data, "settings": s.record()}, force=s.force, inputs=paths, record_paths=s.record_paths
+        )
     return rep
 
 
@@ -300,7 +314,8 @@ def sweep(model=None, direction=None, output=None, *, session: Session | None = 
     with atomic_dir(s.output, force=s.force, inputs=paths) as tmp:
         write_sweep(result, tmp, f"{s.mode} sweep, {s.model}")
         extra = {"direction": d.record(), "sweep": result.to_dict(), "settings": s.record()}
-        manifest(tmp, stage="sweep", source=source_record(lm.source), extra=extra)
+        source = source_record(lm.source, s.record_paths)
+        manifest(tmp, stage="sweep", source=source, extra=extra, record_paths=s.record_paths)
     return result
 
 
@@ -332,7 +347,8 @@ def compare(model: Any = None, output: Any = None, *, session: Session | None = 
             "directions": {k: d.record() for k, d in result.directions.items()},
             "settings": s.record(),
         }
-        manifest(tmp, stage="compare", source=source_record(lm.source), extra=extra)
+        source = source_record(lm.source, s.record_paths)
+        manifest(tmp, stage="compare", source=source, extra=extra, record_paths=s.record_paths)
     return result
 
 

@@ -25,8 +25,10 @@ SNAPSHOT = json.loads((Path(__file__).parent / "data" / "cli_params.json").read_
 RENAMED = {"out": "output", "run_dir": "direction", "out_format": "format", "prompts_file": "prompts"}
 # a parsed option now shows its default as the text it parses (sweep's alphas: the same values)
 PARSED_DEFAULTS = {("sweep", "alphas"): ("0,0.5,1,1.5,2", "0,0.5,1,1.5,2")}
-# new options: bake --no-gguf-adapter (the API's LoRA ``gguf`` switch, which an error message already named)
-ADDED = {"bake": {"gguf_adapter"}}
+# new options: bake --no-gguf-adapter (the API's LoRA ``gguf`` switch, which an error message already named);
+# --record-paths and bake --base-model (issue 19: outputs fit to share)
+ADDED = {name: {"record_paths"} for name in ("select", "compare", "sweep", "verify", "eval", "run", "bake")}
+ADDED["bake"] |= {"gguf_adapter", "base_model"}
 
 
 def _params(command: click.Command) -> dict[str, click.Parameter]:
@@ -58,8 +60,22 @@ def _sample(cls):
     """Settings with every option away from its default where the type allows (all paths local)."""
     raw = {
         "select": {"model": "m", "output": "o", "mode": "affine", "alphas": "0.5,1", "limit": 3, "eval_layers": "2,3"},
-        "bake": {"model": "m", "direction": "d", "output": "o.gguf", "format": "gguf", "outtype": "Q8_0"},
-        "verify": {"original": "m", "baked": "b", "direction": "d", "limit": 2, "output": "r.json", "force": True},
+        "bake": {
+            "model": "m",
+            "direction": "d",
+            "output": "o.gguf",
+            "format": "gguf",
+            "outtype": "Q8_0",
+            "base_model": "o/b",
+        },
+        "verify": {
+            "original": "m",
+            "baked": "b",
+            "direction": "d",
+            "output": "r.json",
+            "force": True,
+            "record_paths": True,
+        },
         "eval": {"model": "m", "direction": "d", "intervention": "affine", "alpha": 0.25, "kl_against": "k"},
         "sweep": {"model": "m", "direction": "d", "output": "o", "alphas": [0, 2.5], "system_prompt": "Be kind."},
         "compare": {"output": "o", "eval_harmful": "h", "eval_harmless": "g", "eval_layers": 0.2, "force": True},

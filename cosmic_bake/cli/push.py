@@ -11,20 +11,18 @@ from cosmic_bake.settings import PushSettings
 @click.command("push")
 @command_options(PushSettings)
 def push_cmd(**params) -> None:
-    """Upload FOLDER (from bake or run) to the Hugging Face Hub, card filled from its manifest and reports."""
+    """Upload FOLDER (from bake or run, or a baked .gguf) to the Hugging Face Hub, card filled from its manifest.
+
+    Refuses, in one line, to upload a card, manifest or file that names a local path, unless the
+    output was made with --record-paths (--dry-run shows the list and the card first).
+    """
     from cosmic_bake.api import plan_push, push
-    from cosmic_bake.export.hub_push import LARGE_FILE
+    from cosmic_bake.export.hub_push import check_shareable, render_plan
 
     s = PushSettings.build(**params)
     plan = plan_push(s)
-    verb = "would upload" if s.dry_run else "uploading"
-    click.echo(f"{verb} {len(plan.files)} files, {plan.total_bytes / 2**20:.1f} MiB, to {s.repo_id}")
-    for f in plan.files:
-        lfs = "lfs" if f.size > LARGE_FILE or f.path_in_repo.endswith((".safetensors", ".gguf", ".png")) else "   "
-        src = "(card)" if f.local is None else str(f.local)
-        click.echo(f"  {f.size / 2**20:10.2f} MiB  {lfs}  {f.path_in_repo}  <- {src}")
+    click.echo(render_plan(plan, s.repo_id, dry_run=s.dry_run, show_card=s.show_card))
     if s.dry_run:
-        if s.show_card:
-            click.echo("\n--- README.md (card) ---\n" + plan.card)
+        check_shareable(plan)
         return
     click.echo(f"uploaded: {push(s)}")

@@ -35,6 +35,7 @@ from cosmic_bake.model.session import Session
 from cosmic_bake.outputs import read_json
 from cosmic_bake.recipe.file import Recipe, check_common, load_recipe, model_identity, stamp, step_settings
 from cosmic_bake.settings import RunSettings, Settings
+from cosmic_bake.sharing import portable_name
 
 STAMPS = ".stamps"
 
@@ -63,25 +64,33 @@ def _gguf_name(outtype: str) -> str:
     return f"model-{outtype.lower()}.gguf"
 
 
-def plan_steps(recipe: Recipe, out: Path) -> list[Step]:
-    """The ordered steps of a recipe, each with its settings built (and so validated) before anything runs."""
+def plan_steps(recipe: Recipe, out: Path, record_paths: bool = False) -> list[Step]:
+    """The ordered steps of a recipe, each with its settings built (and so validated) before anything runs.
+
+    ``record_paths`` (``run --record-paths``) lets every step's manifest and report name local paths.
+    """
     from cosmic_bake.settings import BakeSettings, EvalSettings, SelectSettings, VerifySettings
 
     check_common(recipe, [SelectSettings, BakeSettings, VerifySettings, EvalSettings])
+    paths = {"record_paths": True} if record_paths else {}
+
+    def settings_of(step: str, cls, managed: dict, defaults: dict | None = None) -> Settings:
+        return step_settings(recipe, step, cls, managed, {**(defaults or {}), **paths})
+
     m, direction = recipe.model, out / "direction"
-    select = step_settings(recipe, "select", SelectSettings, {"model": m, "output": direction})
+    select = settings_of("select", SelectSettings, {"model": m, "output": direction})
     steps = [Step("select", "select", select, [direction / "direction.safetensors"])]
     exports: dict[str, Path] = {}
     bake = {"model": m, "direction": direction}
     if "hf" in recipe.formats:
         exports["hf"] = out / "model"
-        settings = step_settings(recipe, "bake", BakeSettings, {**bake, "format": "hf", "output": exports["hf"]})
+        settings = settings_of("bake", BakeSettings, {**bake, "format": "hf", "output": exports["hf"]})
         steps.append(Step("bake-hf", "bake", settings, [exports["hf"] / "manifest.json"], ["select"]))
     if "gguf" in recipe.formats:
         for outtype in recipe.run_option("bake", "gguf_outtypes", ["source"]):
             path = out / "gguf" / _gguf_name(outtype)
             managed = {**bake, "format": "gguf", "output": path, "outtype": None if outtype == "source" else outtype}
-            settings = step_settings(recipe, "bake", BakeSettings, managed)
+            settings = settings_of("bake", BakeSettings, managed)
             steps.append(Step(f"bake-gguf-{outtype}", "bake", settings, [path], ["select"]))
             exports[f"gguf-{outtype}"] = path
     reports = out / "reports"
@@ -92,11 +101,11 @@ def plan_steps(recipe: Recipe, out: Path) -> list[Step]:
             )
         report = reports / f"verify-{name}.json"
         managed = {"original": m, "baked": str(exports[name]), "direction": direction, "output": report}
-        settings = step_settings(recipe, "verify", VerifySettings, managed)
+        settings = settings_of("verify", VerifySettings, managed)
         steps.append(Step(f"verify-{name}", "verify", settings, [report], ["select", _bake_step(name)], may_fail=True))
     if recipe.run_option("eval", "baseline", True):
         report = reports / "eval-unedited.json"
-        settings = step_settings(recipe, "eval", EvalSettings, {"model": m, "output": report, "force": True})
+        settings = settings_of("eval", EvalSettings, {"model": m, "output": report, "force": True})
         steps.append(Step("eval-unedited", "eval", settings, [report]))
     for name in recipe.run_option("eval", "targets", list(exports)):
         if name not in exports:
@@ -106,7 +115,7 @@ def plan_steps(recipe: Recipe, out: Path) -> list[Step]:
         # otherwise be compared with llama.cpp's logits of a GGUF source, adding its rounding)
         defaults = {"runtime": "transformers"} if name == "hf" else {}
         managed = {"model": str(exports[name]), "kl_against": m, "output": report, "force": True}
-        settings = step_settings(recipe, "eval", EvalSettings, managed, defaults)
+        settings = settings_of("eval", EvalSettings, managed, defaults)
         steps.append(Step(f"eval-{name}", "eval", settings, [report], [_bake_step(name)]))
     return steps
 
@@ -216,7 +225,7 @@ def run_recipe(
 
     recipe = load_recipe(s.recipe_file, [*s.overrides, *([f'model="{s.model}"'] if s.model else [])])
     out = (s.output or Path(recipe.output or Path("runs") / Path(s.recipe_file).stem)).resolve()
-    steps = plan_steps(recipe, out)
+    steps = plan_steps(recipe, out, s.record_paths)
     # the run folder is resumed in place, never replaced; each step's own output is checked by its call
     check_target(out, force=True, inputs=run_inputs(s.recipe_file, steps), kind="run")
     echo(f"run {s.recipe_file} -> {out} ({len(steps)} steps, model {recipe.model})")
@@ -233,6 +242,7 @@ def run_recipe(
         write_text(out / "card.md", card_with_results(card.read_text(encoding="utf-8"), summary["rows"]))
     manifest(
         out,
+        record_paths=s.record_paths,
         stage="run",
         source={"spec": recipe.model},
         extra={
@@ -274,7 +284,7 @@ def summarize(out: Path, results: list[StepResult]) -> dict:
 def summary_markdown(recipe: Recipe, summary: dict) -> str:
     """The final table as Markdown (also printed)."""
     lines = [
-        f"# cosmic-bake run: {recipe.model}" + (f" ({recipe.goal})" if recipe.goal else ""),
+        f"# cosmic-bake run: {portable_name(recipe.model)}" + (f" ({recipe.goal})" if recipe.goal else ""),
         "",
         "| output | size MiB | verify | mean KL | top-1 | harmful refusal | harmless refusal | harmless KL |",
         "|---|---|---|---|---|---|---|---|",

@@ -11,6 +11,7 @@ from cosmic_bake.artifacts import DIRECTION_FILE, SELECTION_FILE, Direction, mod
 from cosmic_bake.outputs import TOOL, atomic_dir, manifest, write_json
 from cosmic_bake.plots import plot_layer_similarities, plot_score_grids
 from cosmic_bake.select.selection import Selection, select_sets
+from cosmic_bake.sharing import portable, portable_name
 
 if TYPE_CHECKING:
     from cosmic_bake.settings import SelectSettings
@@ -55,7 +56,7 @@ def chosen_direction(sel: Selection, lm, fmt) -> Direction:
         mode=sel.mode,
         selector=sel.selector,
         alpha=0.0 if sel.mode in ("affine", "ace") else 1.0,
-        model_id=lm.source.spec,
+        model_id=portable_name(lm.source.spec),  # Hub id, builtin:NAME or file name: the artifact travels
         model_hash=model_hash(source_record(lm.source)),
         extra=extra,
     )
@@ -67,6 +68,8 @@ def run_select(
     """Select as the settings ``s`` say, then write ``s.output`` (nothing is written if selection fails).
 
     ``s.output`` follows the output rule (:func:`cosmic_bake.outputs.check_target`) against ``inputs``.
+    ``selection.json`` and the manifest name the model and prompt files by Hub id or file name
+    (``push`` uploads them with a run) unless ``s.record_paths``.
 
     ``s.alphas`` (steering mode ``affine`` only): after the direction is chosen, sweep them on the
     validation prompts with the baked hook and record the chosen alpha (:mod:`cosmic_bake.select.sweep`).
@@ -74,9 +77,10 @@ def run_select(
     t0 = time.perf_counter()
     sel = select_sets(lm.model, arch, fmt, sets, s, mode=s.mode, selector=s.selector)
     t = time.perf_counter()
-    src = source_record(lm.source)
+    src = source_record(lm.source, s.record_paths)
+    name = portable_name(lm.source.spec)
     record = {"tool": TOOL, **selection_record(sel)}
-    record["settings"] = s.record()
+    record["settings"] = portable(s.record(), s.record_paths)
     pos, layer = sel.chosen
     direction = chosen_direction(sel, lm, fmt)
     swept = None
@@ -103,12 +107,12 @@ def run_select(
         if swept is not None:
             from cosmic_bake.select.sweep import write_sweep
 
-            write_sweep(swept, tmp, f"affine sweep on validation prompts, {lm.source.spec}")
+            write_sweep(swept, tmp, f"affine sweep on validation prompts, {name}")
         plot_layer_similarities(
             sel.candidates.similarities,
             sel.eval_layers,
             tmp / "layer_similarities.png",
-            f"{lm.source.spec}: harmful vs harmless, last token",
+            f"{name}: harmful vs harmless, last token",
         )
         grids = dict(zip(sel.grid.names, (sel.grid.first, sel.grid.second, sel.grid.kl)))
         plot_score_grids(
@@ -116,7 +120,7 @@ def run_select(
             (pos + sel.candidates.n_positions, layer),
             sel.suffix_tokens,
             tmp / "scores.png",
-            f"{s.selector} scores ({s.mode}) for {lm.source.spec}",
+            f"{s.selector} scores ({s.mode}) for {name}",
         )
         record["timings"]["write"] = time.perf_counter() - t
         record["timings"]["total"] = time.perf_counter() - t0
@@ -130,5 +134,6 @@ def run_select(
                 "scores": record["chosen_scores"],
                 "settings": record["settings"],
             },
+            record_paths=s.record_paths,
         )
     return record

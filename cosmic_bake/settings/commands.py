@@ -16,6 +16,7 @@ from cosmic_bake.settings.groups import (
     EvalSets,
     FolderOutput,
     LoadOptions,
+    Recording,
     SelectionOptions,
     TrainingSets,
     parse_alphas,
@@ -73,6 +74,7 @@ class BakeSettings(BakeOptions):
     )
 
     def check(self) -> None:
+        super().check()
         if self.format == "lora" and (self.outtype is not None or self.mode not in (None, "ablate")):
             raise CosmicBakeError("--format lora carries linear removal only", "drop --outtype / --mode")
         if self.format == "hf" and self.outtype is not None:
@@ -80,7 +82,7 @@ class BakeSettings(BakeOptions):
 
 
 @dataclass(frozen=True, kw_only=True)
-class VerifySettings(LoadOptions):
+class VerifySettings(LoadOptions, Recording):
     """``verify``: a baked output against the original with the hook it equals."""
 
     command = "verify"
@@ -96,7 +98,7 @@ class VerifySettings(LoadOptions):
 
 
 @dataclass(frozen=True, kw_only=True)
-class EvalSettings(LoadOptions, EvalSets):
+class EvalSettings(LoadOptions, EvalSets, Recording):
     """``eval``: refusal rates and harmless KL of a model, with or without an intervention."""
 
     command = "eval"
@@ -161,7 +163,7 @@ class PushSettings(Settings):
     """``push``: upload a baked model or a run folder to the Hub."""
 
     command = "push"
-    folder: Path = opt(help="A bake or run output folder.", argument=True)
+    folder: Path = opt(help="A bake or run output folder, or a baked .gguf file.", argument=True)
     repo_id: str = opt(help="owner/name of the Hub model repository (created if missing).")
     private: bool = opt(False, "Create the repository as private.")
     revision: str | None = opt(None, "Branch to commit to (default: main).")
@@ -176,7 +178,7 @@ class PushSettings(Settings):
 
 
 @dataclass(frozen=True, kw_only=True)
-class RunSettings(Settings):
+class RunSettings(Recording):
     """``run``: one recipe from model to verified, evaluated exports."""
 
     command = "run"

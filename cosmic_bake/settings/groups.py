@@ -18,6 +18,15 @@ SYSTEM_PROMPT_HELP = (
     "paper's adversarial complete-refusal setting)."
 )
 FORCE_HELP = "Replace an earlier cosmic-bake output (or an empty folder) at -o."
+RECORD_PATHS_HELP = (
+    "Write local paths (model and files as typed, absolute paths) into manifests and reports; by default "
+    "outputs name them by Hub id or file name, size and hash, fit to upload. push publishes paths only "
+    "from outputs made with this."
+)
+BASE_MODEL_HELP = (
+    "Hub id of the model this edit derives from, for the card's base_model and the GGUF's base-model keys "
+    "(default: the source's Hub id or a GGUF's own keys; none is guessed)."
+)
 DTYPES = ("float32", "bfloat16", "float16")
 # GGUF type names (checked against export.ggml_quant by the tests; kept here so settings never import gguf)
 OUTTYPES = "f32 f16 bf16 q8_0 q4_0 q4_1 q5_0 q5_1 q2_k q3_k_s q3_k_m q3_k_l q4_k_s q4_k_m q5_k_s q5_k_m q6_k".split()
@@ -62,6 +71,13 @@ def parse_alphas(value: Any) -> tuple[float, ...]:
 
 def lower(value: Any) -> Any:
     return value.lower() if isinstance(value, str) else value
+
+
+@dataclass(frozen=True, kw_only=True)
+class Recording(Settings):
+    """Whether an output may name local paths (every command that writes a manifest or report)."""
+
+    record_paths: bool = opt(False, RECORD_PATHS_HELP)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -140,7 +156,7 @@ class EvalSets(Settings):
 
 
 @dataclass(frozen=True, kw_only=True)
-class BakeOptions(Settings):
+class BakeOptions(Recording):
     """What a bake writes, whatever the format (``bake`` and the API's bake functions)."""
 
     force: bool = opt(False, FORCE_HELP)
@@ -173,10 +189,16 @@ class BakeOptions(Settings):
         choices=("ablate", "add", "affine", "scale"),
     )
     alpha: float | None = opt(None, "Coefficient for add / affine (default: the direction's).")
+    base_model: str | None = opt(None, BASE_MODEL_HELP)
+
+    def check(self) -> None:
+        from cosmic_bake.export.lineage import check_base_model
+
+        check_base_model(self.base_model)
 
 
 @dataclass(frozen=True, kw_only=True)
-class FolderOutput(Settings):
+class FolderOutput(Recording):
     """Commands that write one output folder (``select``, ``compare``, ``sweep``)."""
 
     output: Path = opt(help="Folder to write.", short="-o", record=False)
