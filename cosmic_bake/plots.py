@@ -33,7 +33,11 @@ def plot_layer_similarities(sims: torch.Tensor, eval_layers: list[int], path: Pa
 def plot_score_grids(
     grids: dict[str, torch.Tensor], chosen: tuple[int, int], labels: list[str], path: Path, title: str = ""
 ) -> Path:
-    """One panel per score: a line per candidate position across layers, the choice starred."""
+    """One panel per score: a line per candidate position across layers, the choice starred.
+
+    Scores that were not computed are NaN and left out (gaps in the lines; a panel whose name
+    says "N of M computed" shows the N points only).
+    """
     fig, axes = plt.subplots(1, len(grids), figsize=(5.2 * len(grids), 4.2), squeeze=False)
     n_pos = next(iter(grids.values())).shape[0]
     for ax, (name, grid) in zip(axes[0], grids.items()):
@@ -44,6 +48,7 @@ def plot_score_grids(
         ax.scatter([layer], [float(grid[pos, layer])], marker="*", s=180, color="black", zorder=4, label="chosen")
         ax.set_title(name)
         ax.set_xlabel("layer of the candidate")
+        ax.set_xlim(-0.5, grid.shape[1] - 0.5)
         ax.grid(alpha=0.3)
     axes[0][0].legend(fontsize=7, loc="best")
     fig.suptitle(title or "Candidate scores")

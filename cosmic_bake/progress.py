@@ -26,3 +26,9 @@ def progress(items: Iterable[T], desc: str, total: int | None = None) -> Iterato
             mininterval=1.0 if not sys.stderr.isatty() else 0.1,
         )
     )
+
+
+def note(line: str) -> None:
+    """One line of news on stderr (what a long step will take); ``COSMIC_BAKE_QUIET=1`` hides it."""
+    if os.environ.get("COSMIC_BAKE_QUIET") != "1":
+        print(line, file=sys.stderr, flush=True)

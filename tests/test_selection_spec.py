@@ -151,6 +151,7 @@ def test_scores_match_spec_transcription(arch, tiny_model_factory):
         harmless_val=VAL_HARMLESS,
         batch_size=4,
         kl_threshold=math.inf,
+        all_scores=True,
     )
     r, low, comply, refuse, kl = _slow_reference(model, tok, fmt, gains)
     assert sel.eval_layers == low

@@ -29,6 +29,8 @@ PARSED_DEFAULTS = {("sweep", "alphas"): ("0,0.5,1,1.5,2", "0,0.5,1,1.5,2")}
 # --record-paths and bake --base-model (issue 19: outputs fit to share)
 ADDED = {name: {"record_paths"} for name in ("select", "compare", "sweep", "verify", "eval", "run", "bake")}
 ADDED["bake"] |= {"gguf_adapter", "base_model"}
+# select --all-scores (issue 16: KL computed only while it can change the choice, unless asked for all)
+ADDED["select"] |= {"all_scores"}
 
 
 def _params(command: click.Command) -> dict[str, click.Parameter]:

@@ -7,6 +7,7 @@ lives here, so the selection can be checked against a slow transcription of the 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -161,3 +162,41 @@ def choose(total: torch.Tensor, verdicts: list[list[Verdict]]) -> tuple[int, int
             if verdict.kept and (best is None or float(total[i, layer]) > best[0]):
                 best = (float(total[i, layer]), i, layer)
     return None if best is None else (best[1], best[2])
+
+
+KL_NOT_COMPUTED = "KL not computed (a candidate with a higher score passed)"
+
+
+def kl_verdict(kl: float, kl_threshold: float) -> Verdict:
+    """The KL part of the filters, with the same reasons :func:`filter_candidates` gives."""
+    if math.isnan(kl):
+        return Verdict(False, "nan score")
+    if kl > kl_threshold:
+        return Verdict(False, f"KL {kl:.3g} > {kl_threshold:g}")
+    return Verdict(True, "kept")
+
+
+def choose_visiting(
+    total: torch.Tensor, verdicts: list[list[Verdict]], check: Callable[[int, int], Verdict]
+) -> tuple[int, int] | None:
+    """:func:`choose` when one filter (the KL) is costly: ask ``check`` only while it can matter.
+
+    ``verdicts`` hold every other filter. The kept candidates are visited in the order
+    :func:`choose` ranks them (larger ``total`` first, ties in (position, layer) order) and
+    ``check`` decides each; the first it keeps is what :func:`choose` would pick had ``check``
+    been applied to all, since every candidate ranked above it failed. Candidates never visited
+    get :data:`KL_NOT_COMPUTED`. ``verdicts`` is updated in place.
+    """
+    order = sorted(
+        ((float(total[i, layer]), i, layer) for i, row in enumerate(verdicts) for layer, v in enumerate(row) if v.kept),
+        key=lambda t: (-t[0], t[1], t[2]),
+    )
+    pick = None
+    for _, i, layer in order:
+        if pick is not None:
+            verdicts[i][layer] = Verdict(False, KL_NOT_COMPUTED)
+            continue
+        verdicts[i][layer] = check(i, layer)
+        if verdicts[i][layer].kept:
+            pick = (i, layer)
+    return pick

@@ -36,6 +36,7 @@ def selection_record(sel: Selection) -> dict:
         "positions": {str(i - P): tok for i, tok in enumerate(sel.suffix_tokens)},
         "prompt_counts": sel.counts,
         "timings": sel.timings,
+        "kl_computed": {"candidates": sel.grid.n_kl, "of": sel.grid.kl.numel()},
         "candidates": sel.rows(),
     }
 
@@ -114,9 +115,8 @@ def run_select(
             tmp / "layer_similarities.png",
             f"{name}: harmful vs harmless, last token",
         )
-        grids = dict(zip(sel.grid.names, (sel.grid.first, sel.grid.second, sel.grid.kl)))
         plot_score_grids(
-            grids,
+            sel.grid.named(),
             (pos + sel.candidates.n_positions, layer),
             sel.suffix_tokens,
             tmp / "scores.png",

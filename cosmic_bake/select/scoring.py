@@ -3,14 +3,16 @@
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
 
 import torch
 
 from cosmic_bake.math import scores as S
 from cosmic_bake.model.forward import Recorded, forward
 from cosmic_bake.model.hooks import Intervention, intervene
-from cosmic_bake.progress import progress
+from cosmic_bake.progress import note, progress
 from cosmic_bake.select.candidates import Batches, Candidates
 
 REFUSAL_STARTS = ("I", "As")  # first tokens of "I'm sorry", "I cannot", "As an AI" ...
@@ -18,12 +20,43 @@ REFUSAL_STARTS = ("I", "As")  # first tokens of "I'm sorry", "I cannot", "As an 
 
 @dataclass
 class ScoreGrid:
-    """Per-candidate scores, ``[P, L]`` each; row ``i`` is position ``i - P``."""
+    """Per-candidate scores, ``[P, L]`` each; row ``i`` is position ``i - P``.
+
+    ``kl`` may be computed on demand (``kl_of``): the KL pass only matters for candidates that
+    can still be chosen, so :func:`cosmic_bake.select.selection.select` asks for it in order of
+    the total score and stops at the first that passes. ``kl_done`` marks what was computed;
+    the rest of ``kl`` is NaN.
+    """
 
     names: tuple[str, str, str]
     first: torch.Tensor
     second: torch.Tensor
     kl: torch.Tensor
+    kl_done: torch.Tensor | None = None  # bool [P, L]; None: every KL computed
+    kl_of: Callable[[int, int], float] | None = field(default=None, repr=False)
+
+    def __post_init__(self) -> None:
+        if self.kl_done is None:
+            self.kl_done = torch.ones(self.kl.shape, dtype=torch.bool)
+
+    def fill_kl(self, i: int, layer: int) -> float:
+        """KL of candidate ``(i, layer)``, computing and storing it if it was not yet."""
+        if not self.kl_done[i, layer]:
+            self.kl[i, layer] = self.kl_of(i, layer)
+            self.kl_done[i, layer] = True
+        return float(self.kl[i, layer])
+
+    @property
+    def n_kl(self) -> int:
+        """How many KL scores were computed."""
+        return int(self.kl_done.sum())
+
+    def named(self) -> dict[str, torch.Tensor]:
+        """The three grids by name, for plots; the KL's name says how many were computed."""
+        kl = self.names[2]
+        if self.n_kl < self.kl.numel():
+            kl = f"{kl} ({self.n_kl} of {self.kl.numel()} computed; the rest not needed)"
+        return dict(zip((self.names[0], self.names[1], kl), (self.first, self.second, self.kl)))
 
 
 @dataclass
@@ -83,40 +116,87 @@ def _stop_layer(eval_layers: list[int]) -> int:
     return max(eval_layers)
 
 
-def _fill_grids(P: int, L: int, scores, desc: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Three ``[P, L]`` float64 grids filled by ``scores(i, layer) -> (a, b, c)``, with a progress bar."""
-    grids = torch.full((3, P, L), math.nan, dtype=torch.float64)
+def _fill_grids(P: int, L: int, scores, n: int, desc: str) -> list[torch.Tensor]:
+    """``n`` ``[P, L]`` float64 grids filled by ``scores(i, layer) -> n values``, with a progress bar."""
+    grids = torch.full((n, P, L), math.nan, dtype=torch.float64)
     cells = [(i, layer) for i in range(P) for layer in range(L)]
     for i, layer in progress(cells, desc, total=len(cells)):
         grids[:, i, layer] = torch.tensor(scores(i, layer), dtype=torch.float64)
-    return grids[0].clone(), grids[1].clone(), grids[2].clone()
+    return [g.clone() for g in grids]
+
+
+def _timed(fn, *args, **kw):
+    t = time.perf_counter()
+    out = fn(*args, **kw)
+    return out, time.perf_counter() - t
+
+
+def expected_seconds(n: int, cell: float, kl: float, all_scores: bool) -> str:
+    """The line printed before scoring: ``n`` candidates at ``cell`` s each, plus ``kl`` s per KL pass.
+
+    ``cell`` and ``kl`` come from the baseline passes just run (a comply or refuse pass runs the
+    layers up to the last evaluation layer, a KL pass the whole model), so the estimate is an
+    upper bound: candidates at later layers replay the layers before them.
+    """
+    total = n * cell + (n if all_scores else 1) * kl
+    what = f"{n} KL passes" if all_scores else "one KL pass per candidate tried, best first, until one passes"
+    each = f"{_duration(cell)} each, then {what}, {_duration(kl)} each"
+    return f"scoring {n} candidates: about {_duration(total)} ({each})"
+
+
+def _duration(seconds: float) -> str:
+    if seconds < 10:
+        return f"{seconds:.2g} s"
+    if seconds < 90:
+        return f"{seconds:.0f} s"
+    if seconds < 5400:
+        return f"{seconds / 60:.1f} min"
+    return f"{seconds / 3600:.1f} h"
+
+
+def _grid(names, P: int, L: int, pair, kl_of, all_scores: bool, desc: str) -> ScoreGrid:
+    """The grid of ``pair(i, layer) -> (first, second)`` and ``kl_of``: all now, or KL on demand."""
+    if all_scores:
+        first, second, kl = _fill_grids(P, L, lambda i, layer: (*pair(i, layer), kl_of(i, layer)), 3, desc)
+        return ScoreGrid(names, first, second, kl)
+    first, second = _fill_grids(P, L, pair, 2, desc)
+    kl = torch.full((P, L), math.nan, dtype=torch.float64)
+    return ScoreGrid(names, first, second, kl, torch.zeros((P, L), dtype=torch.bool), kl_of)
 
 
 def score_cosmic(
-    model, arch, cands: Candidates, harmful_val: Batches, harmless_val: Batches, eval_layers: list[int], mode: str
+    model,
+    arch,
+    cands: Candidates,
+    harmful_val: Batches,
+    harmless_val: Batches,
+    eval_layers: list[int],
+    mode: str,
+    all_scores: bool = True,
 ) -> ScoreGrid:
-    """S_comply, S_refuse and KL for every candidate (spec section 3)."""
+    """S_comply and S_refuse for every candidate, and KL for all of them or on demand (spec section 3)."""
     P, L = cands.n_positions, arch.n_layers
-    base_harmful = _baseline(model, arch, harmful_val, eval_layers, keep_inputs=mode == "ace")
-    base_harmless = _baseline(model, arch, harmless_val, eval_layers, keep_inputs=True)
+    base_harmful, t_hf = _timed(_baseline, model, arch, harmful_val, eval_layers, keep_inputs=mode == "ace")
+    base_harmless, t_hl = _timed(_baseline, model, arch, harmless_val, eval_layers, keep_inputs=True)
     b_plus = S.pooled_unit(base_harmful.outputs)
     b_minus = S.pooled_unit(base_harmless.outputs)
     base_logits = torch.cat(base_harmless.logits)
+    stop = _stop_layer(eval_layers)
 
-    def scores(i: int, layer: int) -> tuple[float, float, float]:
+    def pair(i: int, layer: int) -> tuple[float, float]:
         iv_c, iv_r = _interventions(mode, cands, i, layer)
-        stop = _stop_layer(eval_layers)
         out_c, _ = _run(model, arch, harmful_val, iv_c, layers=eval_layers, stop=stop, base=base_harmful)
-        _, lg = _run(model, arch, harmless_val, iv_c, logits=True, base=base_harmless)
         out_r, _ = _run(model, arch, harmless_val, iv_r, layers=eval_layers, stop=stop, base=base_harmless)
-        return (
-            S.pooled_cosine(out_c, b_minus),
-            S.pooled_cosine(out_r, b_plus),
-            float(S.smoothed_kl(base_logits, torch.cat(lg)).mean()),
-        )
+        return S.pooled_cosine(out_c, b_minus), S.pooled_cosine(out_r, b_plus)
 
-    comply, refuse, kl = _fill_grids(P, L, scores, "scoring candidates")
-    return ScoreGrid(("s_comply", "s_refuse", "kl"), comply, refuse, kl)
+    def kl_of(i: int, layer: int) -> float:
+        iv_c, _ = _interventions(mode, cands, i, layer)
+        _, lg = _run(model, arch, harmless_val, iv_c, logits=True, base=base_harmless)
+        return float(S.smoothed_kl(base_logits, torch.cat(lg)).mean())
+
+    part = (stop + 1) / L  # comply and refuse passes end after the last evaluation layer
+    note(expected_seconds(P * L, part * (t_hf + t_hl), t_hl, all_scores))
+    return _grid(("s_comply", "s_refuse", "kl"), P, L, pair, kl_of, all_scores, "scoring candidates")
 
 
 def refusal_token_ids(tokenizer) -> list[int]:
@@ -137,28 +217,37 @@ def refusal_log_odds(logits: torch.Tensor, token_ids: list[int], eps: float = 1e
 
 
 def score_refusal(
-    model, arch, tokenizer, cands: Candidates, harmful_val: Batches, harmless_val: Batches, mode: str
+    model,
+    arch,
+    tokenizer,
+    cands: Candidates,
+    harmful_val: Batches,
+    harmless_val: Batches,
+    mode: str,
+    all_scores: bool = True,
 ) -> ScoreGrid:
     """The refusal-token baseline: refusal score under removal, steering score under addition."""
     P, L = cands.n_positions, arch.n_layers
     ids = refusal_token_ids(tokenizer)
-    base_harmless = _baseline(model, arch, harmless_val, [], keep_inputs=True)
-    base_harmful = _baseline(model, arch, harmful_val, [], keep_inputs=mode == "ace")
+    base_harmless, t_hl = _timed(_baseline, model, arch, harmless_val, [], keep_inputs=True)
+    base_harmful, t_hf = _timed(_baseline, model, arch, harmful_val, [], keep_inputs=mode == "ace")
     base_logits = torch.cat(base_harmless.logits)
 
-    def scores(i: int, layer: int) -> tuple[float, float, float]:
+    def pair(i: int, layer: int) -> tuple[float, float]:
         iv_c, iv_r = _interventions(mode, cands, i, layer)
         _, lg_h = _run(model, arch, harmful_val, iv_c, logits=True, base=base_harmful)
-        _, lg_k = _run(model, arch, harmless_val, iv_c, logits=True, base=base_harmless)
         _, lg_s = _run(model, arch, harmless_val, iv_r, logits=True, base=base_harmless)
-        return (
-            float(refusal_log_odds(torch.cat(lg_h), ids).mean()),
-            float(refusal_log_odds(torch.cat(lg_s), ids).mean()),
-            float(S.smoothed_kl(base_logits, torch.cat(lg_k)).mean()),
-        )
+        odds = (refusal_log_odds(torch.cat(lg), ids).mean() for lg in (lg_h, lg_s))
+        return tuple(float(v) for v in odds)
 
-    bypass, steer, kl = _fill_grids(P, L, scores, "scoring candidates (refusal tokens)")
-    return ScoreGrid(("refusal_score", "steering_score", "kl"), bypass, steer, kl)
+    def kl_of(i: int, layer: int) -> float:
+        iv_c, _ = _interventions(mode, cands, i, layer)
+        _, lg_k = _run(model, arch, harmless_val, iv_c, logits=True, base=base_harmless)
+        return float(S.smoothed_kl(base_logits, torch.cat(lg_k)).mean())
+
+    note(expected_seconds(P * L, t_hf + t_hl, t_hl, all_scores))
+    names = ("refusal_score", "steering_score", "kl")
+    return _grid(names, P, L, pair, kl_of, all_scores, "scoring candidates (refusal tokens)")
 
 
 def filter_refusal(grid: ScoreGrid, kl_threshold: float = 0.1) -> list[list[S.Verdict]]:

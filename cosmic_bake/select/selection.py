@@ -51,8 +51,10 @@ class Selection:
                 row = {"position": i - P, "layer": layer}
                 for name, t in zip(self.grid.names, (self.grid.first, self.grid.second, self.grid.kl)):
                     row[name] = float(t[i, layer])
+                if not self.grid.kl_done[i, layer]:
+                    row[self.grid.names[2]] = None  # not computed: it could not change the choice
                 v = self.verdicts[i][layer]
-                row.update(kept=v.kept, reason=v.reason)
+                row.update(kept=None if v.reason == S.KL_NOT_COMPUTED else v.kept, reason=v.reason)
                 out.append(row)
         return out
 
@@ -111,6 +113,7 @@ def select(
     packed: bool = True,
     direction_method: str = "mean",
     candidates: Candidates | None = None,
+    all_scores: bool = False,
 ) -> Selection:
     """Run the whole selection; raises :class:`CosmicBakeError` if no candidate survives.
 
@@ -119,6 +122,9 @@ def select(
     lowest similarity first (default: the paper's 10%).
     ``candidates`` reuses candidates collected before (``compare`` scores one set with both
     selectors); their training prompts must be the ones given here.
+    ``all_scores=False`` computes a candidate's KL (a whole-model pass) only while it can change
+    the choice (:func:`~cosmic_bake.math.scores.choose_visiting`): same choice, same scores where
+    computed; ``True`` computes every KL, for the full table and plots.
     """
     if mode not in MODES:
         raise CosmicBakeError(f"unknown mode '{mode}'", f"use one of {', '.join(MODES)}")
@@ -143,17 +149,31 @@ def select(
     timings["candidates"] = time.perf_counter() - t
     layers = S.resolve_eval_layers(eval_layers, cands.similarities)
     t = time.perf_counter()
+    val = (sets["harmful_val"], sets["harmless_val"])
     if selector == "cosmic":
-        grid = score_cosmic(model, arch, cands, sets["harmful_val"], sets["harmless_val"], layers, mode)
-        verdicts = S.filter_candidates(grid.first, grid.second, grid.kl, kl_threshold=kl_threshold)
+        grid = score_cosmic(model, arch, cands, *val, layers, mode, all_scores)
         total = grid.first + grid.second
+
+        def filters(kl: torch.Tensor) -> list[list[S.Verdict]]:
+            return S.filter_candidates(grid.first, grid.second, kl, kl_threshold=kl_threshold)
     else:
-        grid = score_refusal(model, arch, fmt.tokenizer, cands, sets["harmful_val"], sets["harmless_val"], mode)
-        verdicts = filter_refusal(grid, kl_threshold)
+        grid = score_refusal(model, arch, fmt.tokenizer, cands, *val, mode, all_scores)
         total = -grid.first
+
+        def filters(kl: torch.Tensor) -> list[list[S.Verdict]]:
+            return filter_refusal(ScoreGrid(grid.names, grid.first, grid.second, kl), kl_threshold)
+
     timings["scoring"] = time.perf_counter() - t
-    _drop_zero_directions(cands, verdicts)
-    pick = S.choose(total, verdicts)
+    t = time.perf_counter()
+    if all_scores:
+        verdicts = filters(grid.kl)
+        _drop_zero_directions(cands, verdicts)
+        pick = S.choose(total, verdicts)
+    else:  # every filter but the KL (a KL of 0 passes), then the KL in order of the total
+        verdicts = filters(torch.zeros_like(grid.kl))
+        _drop_zero_directions(cands, verdicts)
+        pick = S.choose_visiting(total, verdicts, lambda i, j: S.kl_verdict(grid.fill_kl(i, j), kl_threshold))
+        timings["kl"] = time.perf_counter() - t
     if pick is None:
         raise _no_survivor(grid, verdicts, total)
     P = cands.n_positions
@@ -194,5 +214,6 @@ def select_sets(
         kl_threshold=s.kl_threshold,
         eval_layers=s.eval_layers,
         direction_method=s.direction_method,
+        all_scores=getattr(s, "all_scores", False),  # compare writes no score table
         **kw,
     )

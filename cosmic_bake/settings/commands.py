@@ -50,6 +50,10 @@ class SelectSettings(Selecting):
         parse=parse_alphas,
     )
     max_harmless_refusal: float = opt(0.05, min=0, max=1)
+    all_scores: bool = opt(
+        False,
+        "Compute every candidate's KL, for the full table and plots (default: only while it can change the choice).",
+    )
 
     def check(self) -> None:
         if self.alphas and self.mode != "affine":
