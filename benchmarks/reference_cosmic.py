@@ -4,7 +4,10 @@ Runs ``cosmic-bake select`` on exactly the reference's prompts and chat format, 
 evaluation layers, every candidate's S_comply / S_refuse / KL and the choice with what the paper's
 code computed, and reports wall time and peak memory against the reference's 1235 s.
 
-    python benchmarks/reference_cosmic.py [--reference DIR] [--out results.json]
+    python benchmarks/reference_cosmic.py [--reference DIR] [--out results.json] [--all-scores]
+
+By default select computes a candidate's KL only while it can change the choice; the scores it did
+not compute (``null`` in selection.json) are left out of the comparison and counted.
 """
 
 from __future__ import annotations
@@ -28,6 +31,7 @@ def main() -> None:
     ap.add_argument("--reference", type=Path, default=REFERENCE)
     ap.add_argument("--model", default="builtin:qwen2.5-coder-0.5b-instruct")
     ap.add_argument("--out", type=Path, default=None)
+    ap.add_argument("--all-scores", action="store_true", help="compute (and compare) every candidate's KL")
     args = ap.parse_args()
     ref = args.reference
     with tempfile.TemporaryDirectory() as tmp:
@@ -52,6 +56,7 @@ def main() -> None:
             TEMPLATE,
             "--batch-size",
             "32",
+            *(["--all-scores"] if args.all_scores else []),
         ]
         t = time.perf_counter()
         subprocess.run(cmd, check=True)
@@ -62,10 +67,13 @@ def main() -> None:
     ranked = json.loads((ref / "eval_layers_ranked.json").read_text())["ranked_layers"]
     worst = {"s_comply": 0.0, "s_refuse": 0.0, "kl": 0.0}
     pairs = {"s_comply": "refusal_score", "s_refuse": "steering_score", "kl": "kl_div_score"}
+    computed = {name: 0 for name in pairs}
     for row in sel["candidates"]:
         want = expected[(row["position"], row["layer"])]
         for ours, theirs in pairs.items():
-            worst[ours] = max(worst[ours], abs(row[ours] - want[theirs]))
+            if row[ours] is not None:  # a KL select did not need
+                worst[ours] = max(worst[ours], abs(row[ours] - want[theirs]))
+                computed[ours] += 1
     n_low = len(sel["eval_layers"])
     result = {
         "eval_layers": sel["eval_layers"],
@@ -73,6 +81,7 @@ def main() -> None:
         "chosen": sel["chosen"],
         "chosen_match": (sel["chosen"]["position"], sel["chosen"]["layer"]) == (-2, 15),
         "max_abs_diff": worst,
+        "scores_compared": computed,
         "within_1e-3": all(v <= 1e-3 for v in worst.values()),
         "wall_seconds_total": wall,
         "seconds_after_load": sel["timings"]["total"],
