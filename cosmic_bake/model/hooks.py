@@ -3,9 +3,11 @@
     with intervene(model, arch, Intervention.remove(r)):
         model.generate(...)
 
-Edits are made in place on the hooked tensor, as the reference code does: transformers keeps a
-reference to each block's output, so an edit at the input of block ``l`` is also what a reader of
-block ``l - 1``'s output sees. COSMIC's scores were defined with that behaviour.
+Edits are made in place on the hooked tensor, as the reference code's linear hooks do:
+transformers keeps a reference to each block's output, so an edit at the input of block ``l`` is
+also what a reader of block ``l - 1``'s output sees. COSMIC's scores were defined with that
+behaviour. The exception is ACE (``affine``): the reference code's affine hooks edit a copy, so
+the output of block ``l - 1`` stays as it was; ``affine`` does the same.
 
 For models with norms after the writers (Gemma 2/3), removal acts on the writer's output before
 the norm, along ``u = g * r_hat`` (``g`` the norm's gain): the normalised output is then
@@ -186,10 +188,20 @@ def _add_pre(vector: _Cast):
 
 
 def _affine_pre(r_hat: _Cast, target: _Cast):
+    """ACE on a copy of the block input, as the official affine hooks do (they ``clone()``).
+
+    Unlike the linear hooks, the recorded output of the block before keeps its unedited value:
+    only the block's own input changes. Selection scores read that output when it is an
+    evaluation layer, so this is what makes ``--mode ace`` match the official scores.
+    """
+
     def hook(_module, args, kwargs):
-        x = _hidden(args, kwargs)
+        x = _hidden(args, kwargs).clone()
         remove_component_(x, r_hat.like(x))
         x += target.like(x)
+        if args:
+            return (x, *args[1:]), kwargs
+        return args, {**kwargs, "hidden_states": x}
 
     return hook
 
