@@ -41,6 +41,8 @@ def test_select_writes_a_complete_run(tiny_model_factory, tmp_path):
     assert set(sel["candidates"][0]) == {"position", "layer", "s_comply", "s_refuse", "kl", "kept", "reason"}
     assert sel["eval_layers"] and {"position", "layer"} == set(sel["chosen"])
     assert {"candidates", "scoring"} <= set(sel["timings"])
+    assert sel["prompt_sampling"]["harmless train"] == {"from": 128, "kept": 24, "how": "first"}
+    assert 1 <= sel["kl_computed"]["candidates"] < sel["kl_computed"]["of"] == len(sel["candidates"])
     tensors = load_file(str(out / "direction.safetensors"))
     assert tensors["direction"].shape == (64,) and tensors["reference"].shape == (64,)
     with safe_open(str(out / "direction.safetensors"), "pt") as fh:

@@ -329,3 +329,39 @@ def test_corrupt_parquet(tmp_path: Path) -> None:
     pytest.importorskip("pandas")
     with raises(r"bad\.parquet: cannot read parquet file"):
         load_prompts(write(tmp_path / "bad.parquet", "not really parquet"))
+
+
+SHARED = Path(__file__).resolve().parents[2] / "shared"
+
+
+def test_default_sizes_keep_small_files_whole_and_sample_large_ones() -> None:
+    """Issue 16: files at or under 128 train / 32 val prompts are used whole and in order (the
+    built-in sets, the reference case); larger ones are sampled, seeded, in file order."""
+    from cosmic_bake.prompts.sets import DEFAULT_TRAIN, DEFAULT_VAL, prompt_sets
+
+    builtin = prompt_sets()
+    assert builtin == prompt_sets(limit="all", limit_val="all")
+    assert [len(v) for v in builtin.values()] == [128, 128, 16, 16]
+    assert all(info["how"] == "all" for info in builtin.sampling.values())
+
+    ref = SHARED / "reference" / "cosmic-qwen2.5-coder-0.5b-lce"
+    data = SHARED / "data"
+    if not (ref.is_dir() and data.is_dir()):
+        pytest.skip("../shared is not beside the project")
+    names = ("harmful_train", "harmless_train", "harmful_val", "harmless_val")
+    files = [str(ref / f"{n}.json") for n in names]
+    assert list(prompt_sets(*files).values()) == [load_prompts(f) for f in files]  # the reference case, as is
+
+    files = [str(data / f"{n}.json") for n in names]  # 260, 2000, 39, 500 prompts
+    sets = prompt_sets(*files)
+    assert [len(v) for v in sets.values()] == [DEFAULT_TRAIN, DEFAULT_TRAIN, DEFAULT_VAL, DEFAULT_VAL]
+    for (name, kept), f in zip(sets.items(), files):
+        whole = load_prompts(f)
+        where = [whole.index(p) for p in kept]
+        assert where == sorted(where) and len(set(where)) == len(kept), name  # a subset, in file order
+        assert sets.sampling[name] == {"from": len(whole), "kept": len(kept), "how": "sample", "seed": 42}
+    assert prompt_sets(*files) == sets  # seeded
+    assert prompt_sets(*files, seed=7)["harmless train"] != sets["harmless train"]
+    first = prompt_sets(*files, limit=10, limit_val=3)
+    assert first["harmless train"] == load_prompts(files[1])[:10] and first["harmful val"] == load_prompts(files[2])[:3]
+    assert len(prompt_sets(*files, limit="all")["harmless train"]) == 2000

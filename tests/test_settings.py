@@ -31,6 +31,10 @@ ADDED = {name: {"record_paths"} for name in ("select", "compare", "sweep", "veri
 ADDED["bake"] |= {"gguf_adapter", "base_model"}
 # select --all-scores (issue 16: KL computed only while it can change the choice, unless asked for all)
 ADDED["select"] |= {"all_scores"}
+# --sample-seed, and --limit / --limit-val take "all" too (issue 16: large prompt files sampled by default)
+ADDED["select"] |= {"sample_seed"}
+ADDED["compare"] |= {"sample_seed"}
+RETYPED = {(name, key) for name in ("select", "compare") for key in ("limit", "limit_val")}  # text: N or all
 
 
 def _params(command: click.Command) -> dict[str, click.Parameter]:
@@ -47,6 +51,9 @@ def test_generated_options_match_the_hand_written_ones(name):
         assert (p.opts, p.required, p.multiple) == (row["opts"], row["required"], row["multiple"]), key
         assert getattr(p, "secondary_opts", []) == row["secondary"], key
         assert getattr(p, "is_flag", False) == row["is_flag"], key
+        if (name, key) in RETYPED:
+            assert type(p.type).__name__ == "StringParamType", key
+            continue
         assert type(p.type).__name__ == row["type"], key
         if "choices" in row:
             assert list(p.type.choices) == row["choices"] and p.type.case_sensitive == row["case_sensitive"], key
@@ -98,12 +105,14 @@ def test_settings_survive_the_command_line(command):
 
 def test_build_checks_every_source_the_same_way():
     assert SelectSettings.build(output="o", limit="7").limit == 7  # text from --set / a command line
+    assert SelectSettings.build(output="o", limit="all", limit_val="ALL").limit_val == "all"
     assert SelectSettings.build(output="o", eval_layers=[19, 23]).eval_layers == (19, 23)  # a TOML list
     assert BakeSettings.build(model="m", direction="d", output="o", format="gguf", outtype="Q4_K_M").outtype == "q4_k_m"
     cases = [
         (lambda: SelectSettings.build(output="o", bogus=1), "select has no option 'bogus'"),
-        (lambda: SelectSettings.build(output="o", limit="many"), "takes int"),
-        (lambda: SelectSettings.build(output="o", limit=0), "'limit' is 0"),
+        (lambda: SelectSettings.build(output="o", limit="many"), "limit 'many' is neither a count"),
+        (lambda: SelectSettings.build(output="o", limit=0), "limit '0' is neither a count of at least 1 nor 'all'"),
+        (lambda: SelectSettings.build(output="o", limit_val=2.5), "limit '2.5'"),
         (lambda: SelectSettings.build(output="o", dtype="int8"), "use one of: float32"),
         (lambda: SelectSettings.build(output="o", alphas="1,x"), "--alphas '1,x'"),
         (lambda: SelectSettings.build(output="o", alphas="1"), "--alphas applies to --mode affine"),
@@ -129,7 +138,8 @@ def test_gguf_type_names_match_the_quantizer():
 @pytest.mark.parametrize(
     ("body", "expect"),
     [
-        ("[select]\nlimit = 'many'\n", "recipe [select]: select option 'limit' takes int"),
+        ("[select]\nbatch_size = 'many'\n", "recipe [select]: select option 'batch_size' takes int"),
+        ("[select]\nlimit = 'many'\n", "recipe [select]: limit 'many' is neither a count of at least 1 nor 'all'"),
         ("[bake]\nformat = 'gguf'\n", "recipe [bake] sets 'format', which the run manages"),
         ("[eval]\nmodel = 'x'\n", "recipe [eval] sets 'model', which the run manages"),
         ("[common]\nlimt = 3\n", "recipe [common] has no option 'limt'"),

@@ -16,6 +16,7 @@ from __future__ import annotations
 import csv
 import itertools
 import json
+import random
 import re
 from collections.abc import Sequence
 from pathlib import Path
@@ -305,16 +306,63 @@ VERIFY_DEFAULT_SETS = ("builtin:harmless", "builtin:harmful")
 VERIFY_DEFAULT_LIMIT = 16
 
 
+# Default sizes when a prompt file is larger (Arditi et al.'s n_train / n_val): selection time
+# grows with them (one pass per training prompt; three passes per candidate per validation prompt),
+# while a difference in means of 128 prompts already has the noise of a 1/sqrt(128) ~ 9% sample.
+# Files at or under these sizes are used whole and in order (the built-in sets: 128 + 16; the
+# reference case: 64 + 16).
+DEFAULT_TRAIN = 128
+DEFAULT_VAL = 32
+DEFAULT_SEED = 42  # as the COSMIC and Arditi et al. pipelines seed their samples
+ALL = "all"
+
+
+class PromptSets(dict):
+    """The four prompt lists by name, and how each was cut from its file (``sampling``)."""
+
+    sampling: dict[str, dict]
+
+
+def parse_limit(value: Any) -> int | str:
+    """``--limit`` / ``--limit-val``: a count (the first N prompts) or ``all`` (every prompt)."""
+    if isinstance(value, str) and value.strip().lower() == ALL:
+        return ALL
+    try:
+        n = int(value)
+    except (TypeError, ValueError):
+        n = 0
+    if isinstance(value, bool) or isinstance(value, float) and value != n or n < 1:
+        raise CosmicBakeError(f"limit '{value}' is neither a count of at least 1 nor 'all'", "pass e.g. 32, or all")
+    return n
+
+
+def cut(prompts: list[str], limit: int | str | None, default: int, seed: int) -> tuple[list[str], dict]:
+    """``limit`` N: the first N; ``all``: everything; ``None``: a seeded sample of ``default``
+    prompts, kept in file order, when there are more (else everything, in order)."""
+    n = len(prompts)
+    if limit == ALL or (limit is None and n <= default):
+        return list(prompts), {"from": n, "kept": n, "how": "all"}
+    if limit is not None:
+        return list(prompts[:limit]), {"from": n, "kept": min(n, int(limit)), "how": "first"}
+    keep = sorted(random.Random(seed).sample(range(n), default))
+    return [prompts[i] for i in keep], {"from": n, "kept": default, "how": "sample", "seed": seed}
+
+
 def prompt_sets(
     harmful: str = "builtin:harmful",
     harmless: str = "builtin:harmless",
     harmful_val: str | None = None,
     harmless_val: str | None = None,
     column: str | None = None,
-    limit: int | None = None,
-    limit_val: int | None = None,
-) -> dict[str, list[str]]:
-    """The four prompt lists select needs; validation sets default to a held-out tail of training."""
+    limit: int | str | None = None,
+    limit_val: int | str | None = None,
+    seed: int = DEFAULT_SEED,
+) -> PromptSets:
+    """The four prompt lists select needs; validation sets default to a held-out tail of training.
+
+    Each list is cut by :func:`cut` (``limit`` for training, ``limit_val`` for validation, with
+    :data:`DEFAULT_TRAIN` / :data:`DEFAULT_VAL` when not given); ``sampling`` records how.
+    """
 
     def train_and_val(train: str, val: str | None) -> tuple[list[str], list[str]]:
         prompts = load_prompts(train, column)
@@ -324,14 +372,19 @@ def prompt_sets(
 
     hf, hf_val = train_and_val(harmful, harmful_val)
     hl, hl_val = train_and_val(harmless, harmless_val)
-    sets = {
-        "harmful train": hf[:limit],
-        "harmless train": hl[:limit],
-        "harmful val": hf_val[:limit_val],
-        "harmless val": hl_val[:limit_val],
-    }
-    for name, prompts in sets.items():
-        require_count(prompts, 4 if "train" in name else 2, name)
+    sets, sampling = PromptSets(), {}
+    for name, prompts in (
+        ("harmful train", hf),
+        ("harmless train", hl),
+        ("harmful val", hf_val),
+        ("harmless val", hl_val),
+    ):
+        train = "train" in name
+        sets[name], sampling[name] = cut(
+            prompts, limit if train else limit_val, DEFAULT_TRAIN if train else DEFAULT_VAL, seed
+        )
+        require_count(sets[name], 4 if train else 2, name)
+    sets.sampling = sampling
     return sets
 
 

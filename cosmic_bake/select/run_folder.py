@@ -82,6 +82,7 @@ def run_select(
     name = portable_name(lm.source.spec)
     record = {"tool": TOOL, **selection_record(sel)}
     record["settings"] = portable(s.record(), s.record_paths)
+    record["prompt_sampling"] = getattr(sets, "sampling", None)  # how each set was cut from its file
     pos, layer = sel.chosen
     direction = chosen_direction(sel, lm, fmt)
     swept = None
@@ -133,6 +134,7 @@ def run_select(
                 "direction": {"file": DIRECTION_FILE, **direction.record()},
                 "scores": record["chosen_scores"],
                 "settings": record["settings"],
+                "prompt_sampling": record["prompt_sampling"],
             },
             record_paths=s.record_paths,
         )

@@ -56,6 +56,12 @@ def parse_eval_layers(value: Any) -> tuple[int, ...] | float:
         ) from None
 
 
+def parse_limit(value: Any) -> int | str:
+    from cosmic_bake.prompts.sets import parse_limit as parse
+
+    return parse(value)
+
+
 def parse_alphas(value: Any) -> tuple[float, ...]:
     """``"0,0.5,1"`` (or a list) -> ``(0.0, 0.5, 1.0)`` with a one-line error for anything else."""
     try:
@@ -105,15 +111,33 @@ class TrainingSets(Settings):
         None, "Harmless validation prompts (default: hold out the last 16, at most 20%, of --harmless).", inputs="file"
     )
     column: str | None = opt(None, "Column holding the prompt in csv/parquet/json/Hub sets.")
-    limit: int | None = opt(None, "Use at most N prompts of each training set.", min=1)
-    limit_val: int | None = opt(None, "Use at most N prompts of each validation set.", min=1)
+    limit: int | str | None = opt(
+        None,
+        "Training prompts per set: N (the first N) or all. Default: a seeded sample of 128 from a larger file, "
+        "else the whole file in order.",
+        parse=parse_limit,
+    )
+    limit_val: int | str | None = opt(
+        None,
+        "Validation prompts per set: N (the first N) or all. Default: a seeded sample of 32 from a larger set, "
+        "else the whole set in order.",
+        parse=parse_limit,
+    )
+    sample_seed: int = opt(42, "Seed of the default samples of large prompt files.")
 
     def prompt_sets(self):
         """The four prompt lists (reads the files: call it before loading a model, to fail early)."""
         from cosmic_bake.prompts.sets import prompt_sets
 
         return prompt_sets(
-            self.harmful, self.harmless, self.harmful_val, self.harmless_val, self.column, self.limit, self.limit_val
+            self.harmful,
+            self.harmless,
+            self.harmful_val,
+            self.harmless_val,
+            self.column,
+            self.limit,
+            self.limit_val,
+            self.sample_seed,
         )
 
 
