@@ -18,21 +18,31 @@ from collections.abc import Iterable
 from pathlib import Path
 
 from cosmic_bake.errors import CosmicBakeError
+from cosmic_bake.model.devices import Placement
 from cosmic_bake.prompts.sets import prompt_sets, verify_prompts
 
 
-def load(model: str, dtype: str = "float32", chat_template: str | None = None, system_prompt: str | None = None):
+def load(
+    model: str,
+    dtype: str = "float32",
+    chat_template: str | None = None,
+    system_prompt: str | None = None,
+    placement: Placement | None = None,
+):
     """``(LoadedModel, Architecture, ChatFormat)`` for a Hub id, folder, .gguf file or builtin name.
 
     ``chat_template`` is a Jinja template or a format string (or a file holding one);
     ``system_prompt`` replaces the template's default system prompt (text, see
     :func:`~cosmic_bake.prompts.presets.read_system_prompt` for ``@FILE`` / ``preset:NAME``).
+    ``placement`` (:class:`~cosmic_bake.model.devices.Placement`) chooses the device or accelerate's
+    device map / memory budget / disk offload (default: the best device present); ``dtype`` ``auto``
+    is bfloat16 on a GPU, float32 on the CPU.
     """
     from cosmic_bake.model.architecture import probe
     from cosmic_bake.model.chat import ChatFormat, read_template_option
     from cosmic_bake.model.loading import load_model
 
-    lm = load_model(model, dtype=dtype)
+    lm = load_model(model, dtype=dtype, placement=placement)
     arch = probe(lm.model)
     return lm, arch, ChatFormat(lm.tokenizer, read_template_option(chat_template), system_prompt)
 
@@ -58,10 +68,11 @@ def select(
     chat_template: str | None = None,
     system_prompt: str | None = None,
     dtype: str = "float32",
-    batch_size: int = 32,
+    batch_size: int | str = 32,
     force: bool = False,
     loaded=None,
     inputs: Iterable[str | os.PathLike] = (),
+    placement: Placement | None = None,
 ) -> Path:
     """Choose a direction with COSMIC (or the refusal-score baseline) and write the run folder ``out``.
 
@@ -70,6 +81,8 @@ def select(
     not be, contain or lie inside the model or a prompt / template file; ``inputs`` adds paths
     this call cannot see (the CLI's system prompt @FILE). ``force`` replaces only an earlier
     cosmic-bake output or an empty folder (:func:`cosmic_bake.outputs.check_target`).
+    ``batch_size`` ``"auto"``: 128 on a GPU, halved on out-of-memory (32 on the CPU); ``placement``
+    as in :func:`load`.
     """
     from cosmic_bake.model.loading import model_inputs
     from cosmic_bake.outputs import check_target, file_inputs
@@ -85,7 +98,7 @@ def select(
     if alphas and mode != "affine":
         raise CosmicBakeError("--alphas applies to --mode affine", "drop --alphas, or select with --mode affine")
     sets = prompt_sets(harmful, harmless, harmful_val, harmless_val, column, limit, limit_val)
-    lm, arch, fmt = loaded or load(model, dtype, chat_template, system_prompt)
+    lm, arch, fmt = loaded or load(model, dtype, chat_template, system_prompt, placement)
     run_select(
         lm,
         arch,
@@ -160,13 +173,16 @@ def verify(
     chat_template: str | None = None,
     system_prompt: str | None = None,
     dtype: str = "float32",
-    batch_size: int = 8,
+    batch_size: int | str = 8,
+    placement: Placement | None = None,
 ):
     """Compare ``baked`` (a folder, or a .gguf run in llama.cpp) with ``original`` + the hook it equals.
 
     The hook is that of the mode and alpha recorded in the baked output. Returns a
     :class:`~cosmic_bake.verify.logits.VerifyReport` (``.passed``, KL and logit figures, the relative
     gate against the unedited model, and the prompt-free weight-space check in ``.weights``).
+    ``placement`` applies to both transformers models; ``batch_size`` ``"auto"`` as in :func:`select`
+    (8 on the CPU).
     """
     from cosmic_bake.artifacts import Direction, baked_settings
     from cosmic_bake.verify.logits import add_weight_check
@@ -178,27 +194,38 @@ def verify(
         d = d.with_mode(*settings)
 
     report = _verify_logits(
-        original, baked, d, verify_prompts(prompts, column, limit), dtype, chat_template, system_prompt, batch_size
+        original,
+        baked,
+        d,
+        verify_prompts(prompts, column, limit),
+        dtype,
+        chat_template,
+        system_prompt,
+        batch_size,
+        placement,
     )
     return add_weight_check(report, weight_check(original, baked, d))
 
 
-def _verify_logits(original, baked, d, texts, dtype, chat_template, system_prompt, batch_size):
+def _verify_logits(original, baked, d, texts, dtype, chat_template, system_prompt, batch_size, placement=None):
     """The logit comparison of :func:`verify`, by the baked output's kind."""
-    from cosmic_bake.verify.logits import verify as verify_models
+    from cosmic_bake.model.batching import resolve_batch_size
+    from cosmic_bake.model.devices import input_device
 
-    a, arch, fmt = load(original, dtype, chat_template, system_prompt)
+    a, arch, fmt = load(original, dtype, chat_template, system_prompt, placement)
+    batch_size = resolve_batch_size(batch_size, input_device(a.model), 8)
+
     baked = Path(baked)
     if baked.is_dir() and (baked / "adapter_config.json").is_file():  # a LoRA folder: base + PEFT adapter
         from cosmic_bake.export.lora import check_peft
         from cosmic_bake.model.loading import load_model
 
-        base = load_model(original, dtype=dtype).model
+        base = load_model(original, dtype=dtype, placement=placement).model
         check_peft(base)  # before importing peft: an old one may not even import
         from peft import PeftModel
 
         adapted = PeftModel.from_pretrained(base, str(baked)).eval()
-        return verify_models(a.model, arch, adapted, d, texts, fmt, batch_size)
+        return _compare(a.model, arch, adapted, d, texts, fmt, batch_size)
     if baked.suffix.lower() == ".gguf":
         if _is_adapter(baked):  # llama.cpp LoRA on the base GGUF
             if a.source.kind != "gguf":
@@ -211,8 +238,17 @@ def _verify_logits(original, baked, d, texts, dtype, chat_template, system_promp
     from cosmic_bake.model.loading import load_model
     from cosmic_bake.verify.tolerances import stored_dtype
 
-    b = load_model(str(baked), dtype=dtype)
-    return verify_models(a.model, arch, b.model, d, texts, fmt, batch_size, stored=stored_dtype(baked))
+    b = load_model(str(baked), dtype=dtype, placement=placement)
+    return _compare(a.model, arch, b.model, d, texts, fmt, batch_size, stored=stored_dtype(baked))
+
+
+def _compare(original_model, arch, baked_model, d, texts, fmt, batch_size: int, **kw):
+    """:func:`cosmic_bake.verify.logits.verify`, run again with half the batch on out-of-memory."""
+    from cosmic_bake.model.batching import with_backoff
+    from cosmic_bake.verify.logits import verify as verify_models
+
+    run = lambda n: verify_models(original_model, arch, baked_model, d, texts, fmt, n, **kw)  # noqa: E731
+    return with_backoff(run, batch_size)[0]
 
 
 def _is_adapter(path: Path) -> bool:
@@ -251,6 +287,7 @@ def export_lora(
     force: bool = False,
     allow_mismatch: bool = False,
     inputs: Iterable[str | os.PathLike] = (),
+    placement: Placement | None = None,
 ) -> dict:
     """Write the removal edit as LoRA adapters: a PEFT folder (and ``adapter.gguf`` for llama.cpp).
 
@@ -272,7 +309,7 @@ def export_lora(
             f"a LoRA carries linear removal only, not the '{d.mode}' edit's constant",
             "bake the full model (--format hf or gguf) for add / affine",
         )
-    lm, arch, _ = load(model)
+    lm, arch, _ = load(model, placement=placement)
     src = source_record(lm.source)
     check_direction(d, arch.d_model, model_hash(src), allow_mismatch)
     return lora.write_lora_folder(lm, arch, d, out, src=src, gguf=gguf, force=force, inputs=inputs)

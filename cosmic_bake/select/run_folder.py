@@ -8,6 +8,8 @@ from collections.abc import Iterable
 from pathlib import Path
 
 from cosmic_bake.artifacts import DIRECTION_FILE, SELECTION_FILE, Direction, model_hash, source_record
+from cosmic_bake.model.batching import resolve_batch_size
+from cosmic_bake.model.devices import input_device
 from cosmic_bake.outputs import TOOL, atomic_dir, manifest, write_json
 from cosmic_bake.plots import plot_layer_similarities, plot_score_grids
 from cosmic_bake.select.selection import Selection, select
@@ -32,6 +34,7 @@ def selection_record(sel: Selection) -> dict:
         "positions": {str(i - P): tok for i, tok in enumerate(sel.suffix_tokens)},
         "prompt_counts": sel.counts,
         "timings": sel.timings,
+        "batch_size": sel.batch_size,
         "candidates": sel.rows(),
     }
 
@@ -67,7 +70,7 @@ def run_select(
     *,
     mode: str,
     selector: str,
-    batch_size: int,
+    batch_size: int | str,
     kl_threshold: float,
     force: bool,
     settings: dict,
@@ -85,6 +88,8 @@ def run_select(
     validation prompts with the baked hook and record the chosen alpha (:mod:`cosmic_bake.select.sweep`).
     """
     t0 = time.perf_counter()
+    device = input_device(lm.model)
+    start = resolve_batch_size(batch_size, device, 32)
     sel = select(
         lm.model,
         arch,
@@ -95,7 +100,7 @@ def run_select(
         harmless_val=sets["harmless val"],
         mode=mode,
         selector=selector,
-        batch_size=batch_size,
+        batch_size=start,
         kl_threshold=kl_threshold,
         eval_layers=eval_layers,
         direction_method=direction_method,
@@ -122,7 +127,7 @@ def run_select(
             alphas=alphas,
             harmful=sets["harmful val"],
             harmless=sets["harmless val"],
-            batch_size=min(batch_size, 16),
+            batch_size=sel.batch_size if device.type != "cpu" else min(sel.batch_size, 16),
             max_harmless_refusal=max_harmless_refusal,
         )
         if swept.chosen is not None:

@@ -11,6 +11,7 @@ import torch
 from cosmic_bake.errors import CosmicBakeError
 from cosmic_bake.math import scores as S
 from cosmic_bake.model.architecture import Architecture
+from cosmic_bake.model.batching import with_backoff
 from cosmic_bake.model.chat import ChatFormat
 from cosmic_bake.select.candidates import MODES, SELECTORS, Batches, Candidates, collect_candidates
 from cosmic_bake.select.scoring import ScoreGrid, filter_refusal, score_cosmic, score_refusal
@@ -31,6 +32,7 @@ class Selection:
     timings: dict[str, float] = field(default_factory=dict)
     counts: dict[str, int] = field(default_factory=dict)
     direction_method: str = "mean"
+    batch_size: int = 0  # prompts per batch that fit (after any out-of-memory back-off)
 
     @property
     def direction(self) -> torch.Tensor:
@@ -119,6 +121,9 @@ def select(
     lowest similarity first (default: the paper's 10%).
     ``candidates`` reuses candidates collected before (``compare`` scores one set with both
     selectors); their training prompts must be the ones given here.
+    ``batch_size`` is the first size tried: a stage that runs out of accelerator memory is run
+    again with half the batch (:func:`~cosmic_bake.model.batching.with_backoff`), and scoring
+    starts from the size candidate collection settled on.
     """
     if mode not in MODES:
         raise CosmicBakeError(f"unknown mode '{mode}'", f"use one of {', '.join(MODES)}")
@@ -136,19 +141,34 @@ def select(
         )
     }
     timings["tokenize"] = time.perf_counter() - t
+
+    def batched(name: str, size: int) -> Batches:
+        return sets[name] if size == batch_size else Batches.make(fmt, sets[name].prompts, size, packed)
+
     t = time.perf_counter()
-    cands = candidates
+    cands, size = candidates, batch_size
     if cands is None:
-        cands = collect_candidates(model, arch, fmt, sets["harmful_train"], sets["harmless_train"], direction_method)
+        cands, size = with_backoff(
+            lambda n: collect_candidates(
+                model, arch, fmt, batched("harmful_train", n), batched("harmless_train", n), direction_method
+            ),
+            batch_size,
+        )
     timings["candidates"] = time.perf_counter() - t
     layers = S.resolve_eval_layers(eval_layers, cands.similarities)
     t = time.perf_counter()
+
+    def score(n: int):
+        val = batched("harmful_val", n), batched("harmless_val", n)
+        if selector == "cosmic":
+            return score_cosmic(model, arch, cands, *val, layers, mode)
+        return score_refusal(model, arch, fmt.tokenizer, cands, *val, mode)
+
+    grid, size = with_backoff(score, size)
     if selector == "cosmic":
-        grid = score_cosmic(model, arch, cands, sets["harmful_val"], sets["harmless_val"], layers, mode)
         verdicts = S.filter_candidates(grid.first, grid.second, grid.kl, kl_threshold=kl_threshold)
         total = grid.first + grid.second
     else:
-        grid = score_refusal(model, arch, fmt.tokenizer, cands, sets["harmful_val"], sets["harmless_val"], mode)
         verdicts = filter_refusal(grid, kl_threshold)
         total = -grid.first
     timings["scoring"] = time.perf_counter() - t
@@ -169,4 +189,5 @@ def select(
         timings=timings,
         counts={k: len(v.prompts) for k, v in sets.items()},
         direction_method=direction_method,
+        batch_size=size,
     )
