@@ -140,7 +140,8 @@ def parse_max_memory(text: str | dict | None) -> dict[int | str, int] | None:
         raise CosmicBakeError("--max-memory is empty", "write e.g. 0=70GiB,cpu=200GiB")
     out: dict[int | str, int] = {}
     for key, value in items:
-        out[_memory_key(key)] = _memory_size(key, value)
+        name = _memory_key(key)
+        out[name] = _memory_size(key, value)
     return out
 
 
