@@ -240,3 +240,33 @@ def test_placement_arguments(tmp_path):
 def test_input_device_of_plain_model(tiny_model_factory):
     lm, _, _ = api.load(str(tiny_model_factory("llama")), placement=Placement(device="cpu"))
     assert input_device(lm.model) == torch.device("cpu")
+
+
+def test_early_stop_never_loads_the_offloaded_layers_it_skips(tiny_model_factory, tmp_path):
+    """A pass that needs block 0's output ends at block 1's input: disk layers after it are never read."""
+    from cosmic_bake.model.chat import ChatFormat
+    from cosmic_bake.model.forward import forward
+
+    folder = tiny_model_factory("llama")
+    lm, arch, fmt = api.load(str(folder), placement=_alternating_map(tmp_path, 4))
+    loads: dict[str, int] = {}
+    for j in (1, 3):
+        for name, module in arch.layers[j].named_modules():
+            hook = getattr(module, "_hf_hook", None)
+            if hook is not None and hook.offload:
+                key = f"{j}.{name}"
+                loads[key] = 0
+
+                def counted(*args, _key=key, _inner=hook.pre_forward, **kwargs):
+                    loads[_key] += 1
+                    return _inner(*args, **kwargs)
+
+                hook.pre_forward = counted
+    assert loads, "no offloaded module in layers 1 and 3"
+    batch = ChatFormat(lm.tokenizer).encode_packed(["Write a poem.", "Bake bread."])
+    rec = forward(lm.model, arch, batch, output_layers=[0])
+    assert rec.outputs.shape == (2, 1, arch.d_model)
+    assert set(loads.values()) == {0}
+    forward(lm.model, arch, batch, output_layers=[2])  # block 3 skipped, block 1 computed
+    assert all(n > 0 for k, n in loads.items() if k.startswith("1.")), loads
+    assert all(n == 0 for k, n in loads.items() if k.startswith("3.")), loads
