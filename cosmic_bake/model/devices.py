@@ -38,9 +38,10 @@ class Placement:
     ``device``: ``auto`` | ``cpu`` | ``cuda`` | ``cuda:N`` | ``mps`` (the whole model on one device).
     ``device_map``: ``auto`` | ``balanced`` | ``balanced_low_0`` | ``sequential`` | a JSON file
     mapping module names to ``0``, ``"cuda:1"``, ``"cpu"`` or ``"disk"`` (accelerate's dispatch;
-    ``device`` must then stay ``auto``). ``max_memory``: ``"0=70GiB,1=70GiB,cpu=200GiB"``; alone it
-    implies ``device_map="auto"``. ``offload_folder``: where accelerate may write weights it
-    offloads to disk (each load uses its own subfolder, removed when the model is freed).
+    ``device`` must then stay ``auto``). ``max_memory``: ``"0=70GiB,1=70GiB,cpu=200GiB"``.
+    ``offload_folder``: where accelerate may write weights it offloads to disk (each load uses its
+    own subfolder, removed when the model is freed). ``max_memory`` or ``offload_folder`` without
+    ``device_map`` imply ``device_map="auto"``.
     """
 
     device: str = "auto"
@@ -50,8 +51,8 @@ class Placement:
 
     @property
     def dispatched(self) -> bool:
-        """Whether accelerate places the model (a device map, or a memory budget)."""
-        return self.device_map is not None or self.max_memory is not None
+        """Whether accelerate places the model (a device map, a memory budget or an offload folder)."""
+        return self.device_map is not None or self.max_memory is not None or self.offload_folder is not None
 
 
 def resolve_device(name: str | torch.device = "auto") -> torch.device:
