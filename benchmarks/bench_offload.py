@@ -33,6 +33,7 @@ import json, resource, sys, time
 from pathlib import Path
 from cosmic_bake import api
 from cosmic_bake.model.devices import Placement
+from cosmic_bake.model.session import Session
 from cosmic_bake.model.hooks import Intervention
 from cosmic_bake.artifacts import Direction
 from cosmic_bake.prompts.sets import load_prompts
@@ -44,13 +45,14 @@ placement = None
 if way == "offload":
     placement = Placement(device_map="auto", max_memory=max_memory, offload_folder=str(work / "offload"))
 row, t = {}, time.perf_counter()
-loaded = api.load(model, placement=placement)
+session = Session(pin=[model])
+loaded = session.load(model, placement=placement)
 row["load_s"] = time.perf_counter() - t
 placed = loaded[0].extra.get("device_map", {})
 where = [str(v) for v in placed.values()]
 row["placed"] = {w: where.count(w) for w in sorted(set(where))}  # modules per place
 t = time.perf_counter()
-api.select(model, work / f"run_{way}", loaded=loaded, limit=int(limit), limit_val=int(limit_val))
+api.select(model, work / f"run_{way}", session=session, placement=placement, limit=int(limit), limit_val=int(limit_val))
 row["select_s"] = time.perf_counter() - t
 lm, arch, fmt = loaded
 d = Direction.load(work / "run_memory")  # the same hook both ways
@@ -63,6 +65,7 @@ row["eval_s"] = time.perf_counter() - t
 row["eval"] = {"completions": ev.completions, "harmless_kl": ev.harmless_kl}
 row["peak_rss_select_eval_gib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
 del loaded, lm, arch
+session.close()
 if way == "memory":
     t = time.perf_counter()
     api.bake(model, work / "run_memory", work / "baked")

@@ -20,8 +20,9 @@ the package's built-in sets. What it checks and prints (also written as JSON to 
    * DEVICE in bfloat16 (``--dtype auto``): whether the choice is the same, and the largest score
      difference (scores are accumulated in float64 whatever the dtype);
 2. an 8B-shaped random bfloat16 Llama (Llama-3.1-8B's shapes and vocabulary; ``--layers`` fewer to
-   save time), written sharded like the Hub's (5 GB shards), through select (8 + 4 prompts), bake
-   hf and verify: seconds and peak GPU memory of each stage;
+   save time), written sharded like the Hub's (5 GB shards), through select (8 + 4 prompts, batch
+   size ``auto``: 128, halved on out-of-memory), bake hf and verify: seconds and peak GPU memory
+   of each stage;
 3. that nothing imported ``llama_cpp`` or ``gguf`` (they are not installed there; must stay lazy).
 
 Exit status 0 when every check passed. Stages past ``--budget`` seconds are skipped, and say so.
@@ -47,7 +48,9 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 import torch  # noqa: E402
 
 from cosmic_bake import api  # noqa: E402
-from cosmic_bake.model.devices import Placement  # noqa: E402
+from cosmic_bake.model.batching import resolve_batch_size  # noqa: E402
+from cosmic_bake.model.devices import Placement, compute_device  # noqa: E402
+from cosmic_bake.model.session import Session  # noqa: E402
 
 SCORE_TOL = 1e-4
 LAZY = ("llama_cpp", "gguf")
@@ -145,10 +148,11 @@ def small_checks(device: torch.device, work: Path, results: dict, budget_end: fl
             continue
         run = work / f"run_{len(results)}"
         with Stage(device, name, results) as row:
-            lm, arch, fmt = api.load(str(folder), dtype, placement=placement)
+            session = Session(pin=[str(folder)])
+            lm, _, _ = session.load(str(folder), dtype, placement=placement)
             row["dtype"] = str(lm.dtype)
             row["device_map"] = sorted(set(map(str, lm.extra.get("device_map", {}).values())))
-            api.select(str(folder), run, loaded=(lm, arch, fmt), **PROMPTS)
+            api.select(str(folder), run, session=session, placement=placement, **PROMPTS)
             row.update(_compare(work / "run_cpu", run))
             if gate:
                 row["passed"] = row["same_choice"] and row["max_score_diff"] <= SCORE_TOL
@@ -185,7 +189,8 @@ def _mixed(folder: Path, device: torch.device, work: Path, results: dict) -> boo
 
     name = "small: layers alternating gpu/cpu (select, verify logits, eval)"
     with Stage(device, name, results) as row:
-        lm, arch, fmt = api.load(str(folder), placement=Placement("cpu"))
+        session = Session(pin=[str(folder)])  # select below runs on this (dispatched) model
+        lm, arch, fmt = session.load(str(folder), placement=Placement("cpu"))
         dispatch_model(
             lm.model,
             device_map=_alternating(lm.model, arch, device),
@@ -193,7 +198,7 @@ def _mixed(folder: Path, device: torch.device, work: Path, results: dict) -> boo
             skip_keys=getattr(lm.model, "_skip_keys_device_placement", None),
         )
         row["devices"] = sorted({str(p.device) for p in lm.model.parameters()})
-        api.select(str(folder), work / "run_mixed", loaded=(lm, arch, fmt), **PROMPTS)
+        api.select(str(folder), work / "run_mixed", session=session, placement=Placement("cpu"), **PROMPTS)
         row.update(_compare(work / "run_cpu", work / "run_mixed"))
         d = _direction(work / "run_cpu")
         baked = load_model(str(work / "small_baked"), placement=Placement("cpu")).model
@@ -286,7 +291,8 @@ def big_checks(device: torch.device, work: Path, args, results: dict, budget_end
 
 
 def _big_select(folder: Path, work: Path, placement: Placement, row: dict) -> None:
-    api.select(str(folder), work / "big_run", dtype="bfloat16", placement=placement, batch_size="auto", **PROMPTS)
+    start = resolve_batch_size("auto", compute_device(placement), 32)  # --batch-size auto
+    api.select(str(folder), work / "big_run", dtype="bfloat16", placement=placement, batch_size=start, **PROMPTS)
     record = json.loads((work / "big_run" / "selection.json").read_text())
     row.update(chosen=record["chosen"], batch_size=record["batch_size"], timings=record["timings"])
 

@@ -7,16 +7,19 @@ line imports everything and nothing imports it):
 
 - ``errors``, ``progress``, ``outputs`` (the output-safety rule, atomic writes, manifests), ``plots``
 - ``math/`` (projections, directions, scores: pure tensor functions)
-- ``model/`` (loading, builtin models, architecture probe, layout, chat format, forward, hooks, llama.cpp)
+- ``model/`` (loading, builtin models, architecture probe, layout, chat format, forward, hooks, llama.cpp,
+  session: models shared between calls)
 - ``prompts/`` (``sets``: prompt files and builtin sets; ``presets``: system prompt presets)
+- ``settings/`` (one frozen dataclass per command: every option's type, default, range and help, once)
 - ``artifacts`` (the direction artifact and its provenance: model hash, source record, checks)
 - ``export/`` (safetensors read / write, GGUF convert / hparams / io / vocab, ggml quant, LoRA, card, Hub push)
-- ``verify/`` (logits, tolerances, reference, weights*, evaluate) and ``select/`` (candidates, scoring,
+- ``verify/`` (logits, runtime, tolerances, reference, weights*, evaluate) and ``select/`` (candidates, scoring,
   selection, run_folder, sweep, compare)
 - ``bake/`` (plan, apply, constant, folder, gguf_edit, gguf)
-- ``api`` (one call per stage), ``recipe/`` (file, runner), ``cli/`` (one module per command)
+- ``api`` (one call per command, from options or a settings object), ``recipe/`` (file, runner: calls
+  the api with one session), ``cli/`` (one module per command, options generated from the settings)
 """
 
 from __future__ import annotations
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"

@@ -1,7 +1,9 @@
-"""The Python API: each stage of select -> bake -> export -> verify as one call.
+"""The Python API: each command of select -> bake -> export -> verify (and eval, sweep, compare, push) as one call.
 
-The command line is a thin layer over these functions, so a script gets exactly what the
-commands do (same defaults, same files, same errors):
+The command line and the recipe runner are thin layers over these functions, so a script gets
+exactly what the commands do (same defaults, same files, same errors). Each function takes the
+command's options as keywords, or a ready settings object (:mod:`cosmic_bake.settings`) as its
+first argument; both are validated by the same settings class:
 
     from cosmic_bake import api
 
@@ -9,17 +11,55 @@ commands do (same defaults, same files, same errors):
     api.bake("builtin:smollm2-135m-instruct", run, "out/model")                         # transformers
     api.bake("builtin:smollm2-135m-instruct", run, "out/model.gguf", format="gguf", outtype="q8_0")
     print(api.verify("builtin:smollm2-135m-instruct", "out/model", run).passed)
+
+``session`` (a :class:`~cosmic_bake.model.session.Session`) lets several calls share loaded
+models; without one, each call loads what it needs. ``placement`` (a
+:class:`~cosmic_bake.model.devices.Placement`: device, or accelerate's device map / memory budget /
+disk offload) says where the models of a call go; the default takes the best device present (the
+plain CPU load on a machine without a GPU).
 """
 
 from __future__ import annotations
 
 import os
 from collections.abc import Iterable
-from pathlib import Path
+from typing import Any, TypeVar
 
 from cosmic_bake.errors import CosmicBakeError
 from cosmic_bake.model.devices import Placement
-from cosmic_bake.prompts.sets import prompt_sets, verify_prompts
+from cosmic_bake.model.session import Session
+from cosmic_bake.prompts.sets import verify_prompts
+from cosmic_bake.settings import (
+    BakeSettings,
+    CompareSettings,
+    EvalSettings,
+    PushSettings,
+    SelectSettings,
+    Settings,
+    SweepSettings,
+    VerifySettings,
+)
+from cosmic_bake.settings.groups import BakeOptions
+
+S = TypeVar("S", bound=Settings)
+Paths = Iterable[str | os.PathLike]
+
+
+def _settings(cls: type[S], named: dict[str, Any], options: dict[str, Any]) -> S:
+    """The call's settings: a ready ``cls`` instance passed first, or one built from the arguments."""
+    first = next(iter(named.values()))
+    if isinstance(first, cls):
+        if options or any(v is not None for v in list(named.values())[1:]):
+            raise TypeError(f"pass a {cls.__name__} or options, not both")
+        return first
+    return cls.build(**named, **options)
+
+
+def _inputs(s: Settings, extra: Paths) -> list:
+    """What the output must keep clear of: the inputs the settings name, and ``extra`` paths."""
+    from cosmic_bake.outputs import file_inputs
+
+    return [*s.inputs(), *file_inputs(*extra)]
 
 
 def load(
@@ -34,282 +74,369 @@ def load(
     ``chat_template`` is a Jinja template or a format string (or a file holding one);
     ``system_prompt`` replaces the template's default system prompt (text, see
     :func:`~cosmic_bake.prompts.presets.read_system_prompt` for ``@FILE`` / ``preset:NAME``).
-    ``placement`` (:class:`~cosmic_bake.model.devices.Placement`) chooses the device or accelerate's
-    device map / memory budget / disk offload (default: the best device present); ``dtype`` ``auto``
-    is bfloat16 on a GPU, float32 on the CPU.
+    ``dtype`` ``auto`` is bfloat16 on a GPU and float32 on the CPU.
     """
-    from cosmic_bake.model.architecture import probe
-    from cosmic_bake.model.chat import ChatFormat, read_template_option
-    from cosmic_bake.model.loading import load_model
-
-    lm = load_model(model, dtype=dtype, placement=placement)
-    arch = probe(lm.model)
-    return lm, arch, ChatFormat(lm.tokenizer, read_template_option(chat_template), system_prompt)
+    return Session().load(model, dtype, chat_template, system_prompt, placement=placement)
 
 
 def select(
-    model: str,
-    out: str | Path,
+    model: Any = None,
+    output: Any = None,
     *,
-    harmful: str = "builtin:harmful",
-    harmless: str = "builtin:harmless",
-    harmful_val: str | None = None,
-    harmless_val: str | None = None,
-    column: str | None = None,
-    limit: int | None = None,
-    limit_val: int | None = None,
-    mode: str = "ablate",
-    selector: str = "cosmic",
-    direction_method: str = "mean",
-    eval_layers: list[int] | float | None = None,
-    kl_threshold: float = 0.1,
-    alphas: list[float] | None = None,
-    max_harmless_refusal: float = 0.05,
-    chat_template: str | None = None,
-    system_prompt: str | None = None,
-    dtype: str = "float32",
-    batch_size: int | str = 32,
-    force: bool = False,
-    loaded=None,
-    inputs: Iterable[str | os.PathLike] = (),
+    session: Session | None = None,
+    inputs: Paths = (),
     placement: Placement | None = None,
-) -> Path:
-    """Choose a direction with COSMIC (or the refusal-score baseline) and write the run folder ``out``.
+    **options,
+):
+    """Choose a direction with COSMIC (or the refusal-score baseline) and write the run folder ``output``.
 
-    ``loaded`` reuses a ``load(...)`` result. Returns ``out``; its ``selection.json`` holds every
-    candidate's scores and its ``direction.safetensors`` the artifact ``bake`` reads. ``out`` may
-    not be, contain or lie inside the model or a prompt / template file; ``inputs`` adds paths
-    this call cannot see (the CLI's system prompt @FILE). ``force`` replaces only an earlier
-    cosmic-bake output or an empty folder (:func:`cosmic_bake.outputs.check_target`).
-    ``batch_size`` ``"auto"``: 128 on a GPU, halved on out-of-memory (32 on the CPU); ``placement``
-    as in :func:`load`.
+    Options are :class:`~cosmic_bake.settings.SelectSettings`' fields. Returns the run folder; its
+    ``selection.json`` holds every candidate's scores and its ``direction.safetensors`` the
+    artifact ``bake`` reads. ``output`` may not be, contain or lie inside the model, a prompt /
+    template file or ``inputs``; ``force`` replaces only an earlier cosmic-bake output or an
+    empty folder (:func:`cosmic_bake.outputs.check_target`).
     """
-    from cosmic_bake.model.loading import model_inputs
-    from cosmic_bake.outputs import check_target, file_inputs
+    from cosmic_bake.outputs import check_target
     from cosmic_bake.select.run_folder import run_select
 
-    out = Path(out)
-    inputs = [
-        *model_inputs(model),
-        *file_inputs(harmful, harmless, harmful_val, harmless_val, chat_template),
-        *inputs,
-    ]
-    check_target(out, force=force, inputs=inputs)
-    if alphas and mode != "affine":
-        raise CosmicBakeError("--alphas applies to --mode affine", "drop --alphas, or select with --mode affine")
-    sets = prompt_sets(harmful, harmless, harmful_val, harmless_val, column, limit, limit_val)
-    lm, arch, fmt = loaded or load(model, dtype, chat_template, system_prompt, placement)
-    run_select(
-        lm,
-        arch,
-        fmt,
-        sets,
-        out,
-        mode=mode,
-        selector=selector,
-        batch_size=batch_size,
-        kl_threshold=kl_threshold,
-        force=force,
-        inputs=inputs,
-        alphas=alphas,
-        max_harmless_refusal=max_harmless_refusal,
-        eval_layers=eval_layers,
-        direction_method=direction_method,
-        settings={
-            "chat_template": chat_template,
-            "system_prompt": system_prompt,
-            "dtype": dtype,
-            "harmful": harmful,
-            "harmless": harmless,
-            "harmful_val": harmful_val,
-            "harmless_val": harmless_val,
-            "column": column,
-            "limit": limit,
-            "limit_val": limit_val,
-            "alphas": alphas,
-            "max_harmless_refusal": max_harmless_refusal,
-            "direction_method": direction_method,
-            "eval_layers": eval_layers,
-        },
-    )
-    return out
+    s = _settings(SelectSettings, {"model": model, "output": output}, options)
+    paths = _inputs(s, inputs)
+    check_target(s.output, force=s.force, inputs=paths)
+    sets = s.prompt_sets()  # read before loading: a bad prompt file fails in seconds
+    lm, arch, fmt = (session or Session()).load(s.model, s.dtype, s.chat_template, s.system_prompt, placement=placement)
+    run_select(lm, arch, fmt, sets, s, paths)
+    return s.output
 
 
-def bake(model: str, direction: str | Path, out: str | Path, *, format: str = "hf", **options):  # noqa: A002
-    """Bake ``direction`` (a run folder) into ``model``; write a folder (``hf``) or a ``.gguf`` file.
+GGUF_ONLY = ("outtype", "edited_type", "edited_type_always")  # bake options only the GGUF writer takes
 
-    ``options`` are the bake command's: ``embeddings``, ``force``, ``allow_mismatch``, ``mode``,
-    ``alpha``, and ``max_shard_size`` (hf) or ``outtype``, ``edited_type``, ``edited_type_always``
-    (gguf), and ``inputs`` (more paths ``out`` must keep clear of, besides the model and the
-    direction). Returns the :class:`~cosmic_bake.bake.folder.BakeReport` (hf) or the GGUF bake's record.
+
+def bake(
+    model=None,
+    direction=None,
+    output=None,
+    *,
+    session: Session | None = None,
+    inputs: Paths = (),
+    placement: Placement | None = None,
+    **options,
+):
+    """Bake ``direction`` (a run folder) into ``model``; write a folder (``hf``), a ``.gguf`` file or LoRA adapters.
+
+    Options are :class:`~cosmic_bake.settings.BakeSettings`' fields (``format``, ``embeddings``,
+    ``force``, ``allow_mismatch``, ``mode``, ``alpha``, and ``max_shard_size`` (hf) or
+    ``outtype``, ``edited_type``, ``edited_type_always`` (gguf)). Returns the
+    :class:`~cosmic_bake.bake.folder.BakeReport` (hf), the GGUF bake's record, or what
+    :func:`export_lora` returns.
     """
-    from cosmic_bake.model.loading import model_inputs
     from cosmic_bake.outputs import check_target
 
-    inputs = [*model_inputs(model), *([direction] if isinstance(direction, str | os.PathLike) else [])]
-    inputs += list(options.pop("inputs", ()))
-    if format == "gguf":
+    s = _settings(BakeSettings, {"model": model, "direction": direction, "output": output}, options)
+    if s.format == "lora":
+        return export_lora(s, session=session, inputs=inputs, placement=placement)
+    paths = _inputs(s, inputs)
+    common = {k: v for k, v in s.group(BakeOptions).items() if k not in GGUF_ONLY + ("max_shard_size",)}
+    if s.format == "gguf":
         from cosmic_bake.bake.gguf import bake_to_gguf
 
-        return bake_to_gguf(model, Path(direction), Path(out), inputs=inputs, **options)
-    if format != "hf":
-        raise CosmicBakeError(f"unknown format '{format}'", "use hf or gguf")
+        gguf = {k: getattr(s, k) for k in GGUF_ONLY}
+        return bake_to_gguf(s.model, s.direction, s.output, inputs=paths, settings=s.record(), **common, **gguf)
     from cosmic_bake.bake.folder import bake_folder
     from cosmic_bake.model.loading import source_folder
 
-    check_target(out, force=options.get("force", False), inputs=inputs)  # before a GGUF source is dequantized
-    source, folder = source_folder(model)
-    return bake_folder(folder, direction, out, source=source, inputs=inputs, **options)
-
-
-def verify(
-    original: str,
-    baked: str | Path,
-    direction: str | Path,
-    *,
-    prompts: str | None = None,
-    column: str | None = None,
-    limit: int | None = None,
-    chat_template: str | None = None,
-    system_prompt: str | None = None,
-    dtype: str = "float32",
-    batch_size: int | str = 8,
-    placement: Placement | None = None,
-):
-    """Compare ``baked`` (a folder, or a .gguf run in llama.cpp) with ``original`` + the hook it equals.
-
-    The hook is that of the mode and alpha recorded in the baked output. Returns a
-    :class:`~cosmic_bake.verify.logits.VerifyReport` (``.passed``, KL and logit figures, the relative
-    gate against the unedited model, and the prompt-free weight-space check in ``.weights``).
-    ``placement`` applies to both transformers models; ``batch_size`` ``"auto"`` as in :func:`select`
-    (8 on the CPU).
-    """
-    from cosmic_bake.artifacts import Direction, baked_settings
-    from cosmic_bake.verify.logits import add_weight_check
-    from cosmic_bake.verify.weights import weight_check
-
-    d = Direction.load(direction)
-    settings = baked_settings(str(baked))
-    if settings is not None:
-        d = d.with_mode(*settings)
-
-    report = _verify_logits(
-        original,
-        baked,
-        d,
-        verify_prompts(prompts, column, limit),
-        dtype,
-        chat_template,
-        system_prompt,
-        batch_size,
-        placement,
+    check_target(s.output, force=s.force, inputs=paths)  # before a GGUF source is dequantized
+    source, folder = source_folder(s.model)
+    return bake_folder(
+        folder,
+        s.direction,
+        s.output,
+        source=source,
+        inputs=paths,
+        settings=s.record(),
+        max_shard_size=s.max_shard_size,
+        **common,
     )
-    return add_weight_check(report, weight_check(original, baked, d))
-
-
-def _verify_logits(original, baked, d, texts, dtype, chat_template, system_prompt, batch_size, placement=None):
-    """The logit comparison of :func:`verify`, by the baked output's kind."""
-    from cosmic_bake.model.batching import resolve_batch_size
-    from cosmic_bake.model.devices import input_device
-
-    a, arch, fmt = load(original, dtype, chat_template, system_prompt, placement)
-    batch_size = resolve_batch_size(batch_size, input_device(a.model), 8)
-
-    baked = Path(baked)
-    if baked.is_dir() and (baked / "adapter_config.json").is_file():  # a LoRA folder: base + PEFT adapter
-        from cosmic_bake.export.lora import check_peft
-        from cosmic_bake.model.loading import load_model
-
-        base = load_model(original, dtype=dtype, placement=placement).model
-        check_peft(base)  # before importing peft: an old one may not even import
-        from peft import PeftModel
-
-        adapted = PeftModel.from_pretrained(base, str(baked)).eval()
-        return _compare(a.model, arch, adapted, d, texts, fmt, batch_size)
-    if baked.suffix.lower() == ".gguf":
-        if _is_adapter(baked):  # llama.cpp LoRA on the base GGUF
-            if a.source.kind != "gguf":
-                raise CosmicBakeError(
-                    f"{baked.name} is a llama.cpp LoRA adapter; it needs a GGUF base",
-                    "pass the base model's .gguf file as ORIGINAL",
-                )
-            return _verify_gguf(a, arch, a.source.path, d, texts, fmt, original, lora=baked)
-        return _verify_gguf(a, arch, baked, d, texts, fmt, original)
-    from cosmic_bake.model.loading import load_model
-    from cosmic_bake.verify.tolerances import stored_dtype
-
-    b = load_model(str(baked), dtype=dtype, placement=placement)
-    return _compare(a.model, arch, b.model, d, texts, fmt, batch_size, stored=stored_dtype(baked))
-
-
-def _compare(original_model, arch, baked_model, d, texts, fmt, batch_size: int, **kw):
-    """:func:`cosmic_bake.verify.logits.verify`, run again with half the batch on out-of-memory."""
-    from cosmic_bake.model.batching import with_backoff
-    from cosmic_bake.verify.logits import verify as verify_models
-
-    run = lambda n: verify_models(original_model, arch, baked_model, d, texts, fmt, n, **kw)  # noqa: E731
-    return with_backoff(run, batch_size)[0]
-
-
-def _is_adapter(path: Path) -> bool:
-    from cosmic_bake.export.gguf_io import field_value, open_gguf
-
-    return field_value(open_gguf(path), "general.type") == "adapter"
-
-
-def _verify_gguf(a, arch, baked: Path, direction, prompts: list[str], fmt, original: str, lora: Path | None = None):
-    """Run the baked GGUF in llama.cpp, and the unedited model stored the same way (relative gate, floor)."""
-    from cosmic_bake.model.llamacpp import LlamaCppModel
-    from cosmic_bake.verify.logits import verify_gguf
-    from cosmic_bake.verify.reference import unedited_gguf
-
-    if lora is not None:  # the adapter on the base: the base itself is the unedited reference
-        reference, record = a.source.path, {"kind": "base GGUF without the adapter", "file": a.source.path.name}
-    else:
-        reference, record = unedited_gguf(original, a.source, baked)
-    longest = max(int(fmt.encode([p])["input_ids"].shape[1]) for p in prompts)
-    n_ctx = max(64, longest + 8)
-    model = LlamaCppModel(baked, n_ctx=n_ctx, all_logits=True, lora=lora)
-    unedited = LlamaCppModel(reference, n_ctx=n_ctx, all_logits=True)
-    try:
-        return verify_gguf(a.model, arch, model, direction, prompts, fmt, unedited=unedited, unedited_reference=record)
-    finally:
-        model.close()
-        unedited.close()
 
 
 def export_lora(
-    model: str,
-    direction: str | Path,
-    out: str | Path,
+    model: Any = None,
+    direction: Any = None,
+    output: Any = None,
     *,
-    gguf: bool = True,
-    force: bool = False,
-    allow_mismatch: bool = False,
-    inputs: Iterable[str | os.PathLike] = (),
+    gguf: bool | None = None,
+    session: Session | None = None,
+    inputs: Paths = (),
     placement: Placement | None = None,
+    **options,
 ) -> dict:
     """Write the removal edit as LoRA adapters: a PEFT folder (and ``adapter.gguf`` for llama.cpp).
 
     The base stays as it is: load it and apply the adapter (``PeftModel.from_pretrained``, or
     llama.cpp ``--lora OUT/adapter.gguf`` on the base GGUF). Returns what was written, with sizes.
-    ``out`` follows the output rule against the model, the direction and ``inputs``.
+    ``output`` follows the output rule against the model, the direction and ``inputs``.
     """
     from cosmic_bake.artifacts import Direction, check_direction, model_hash, source_record
     from cosmic_bake.export import lora
-    from cosmic_bake.model.loading import model_inputs
     from cosmic_bake.outputs import check_target
 
-    out = Path(out)
-    inputs = [*model_inputs(model), direction, *inputs]
-    check_target(out, force=force, inputs=inputs)
-    d = Direction.load(direction)
+    if not isinstance(model, BakeSettings):
+        options = {"format": "lora", "gguf_adapter": gguf, **options}
+    s = _settings(BakeSettings, {"model": model, "direction": direction, "output": output}, options)
+    paths = _inputs(s, inputs)
+    check_target(s.output, force=s.force, inputs=paths)
+    d = Direction.load(s.direction)
     if d.mode != "ablate":
         raise CosmicBakeError(
             f"a LoRA carries linear removal only, not the '{d.mode}' edit's constant",
             "bake the full model (--format hf or gguf) for add / affine",
         )
-    lm, arch, _ = load(model, placement=placement)
-    src = source_record(lm.source)
-    check_direction(d, arch.d_model, model_hash(src), allow_mismatch)
-    return lora.write_lora_folder(lm, arch, d, out, src=src, gguf=gguf, force=force, inputs=inputs)
+    lm, arch, _ = (session or Session()).load(s.model, placement=placement)
+    src = source_record(lm.source, s.record_paths)
+    check_direction(d, arch.d_model, model_hash(src), s.allow_mismatch)
+    return lora.write_lora_folder(
+        lm,
+        arch,
+        d,
+        s.output,
+        src=src,
+        gguf=s.gguf_adapter,
+        force=s.force,
+        inputs=paths,
+        base_model=s.base_model,
+        record_paths=s.record_paths,
+        settings=s.record(),
+    )
+
+
+def verify(
+    original=None,
+    baked=None,
+    direction=None,
+    *,
+    session: Session | None = None,
+    inputs: Paths = (),
+    placement: Placement | None = None,
+    **options,
+):
+    """Compare ``baked`` (a folder, or a .gguf run in llama.cpp) with ``original`` + the hook it equals.
+
+    The hook is that of the mode and alpha recorded in the baked output. Returns a
+    :class:`~cosmic_bake.verify.logits.VerifyReport` (``.passed``, KL and logit figures, the relative
+    gate against the unedited model, and the prompt-free weight-space check in ``.weights``); with
+    ``output`` set, also writes it as a JSON report.
+    """
+    from cosmic_bake.outputs import check_target, write_report
+    from cosmic_bake.verify.logits import add_weight_check
+    from cosmic_bake.verify.runtime import verify_logits
+    from cosmic_bake.verify.weights import weight_check
+
+    s = _settings(VerifySettings, {"original": original, "baked": baked, "direction": direction}, options)
+    paths = _inputs(s, inputs)
+    if s.output is not None:
+        check_target(s.output, force=s.force, inputs=paths, kind="json")
+    d = baked_direction(s.direction, s.baked)
+    texts = verify_prompts(s.prompts, s.column, s.limit)
+    report = verify_logits(
+        s.original, s.baked, d, texts, s.dtype, s.chat_template, s.system_prompt, s.batch_size, session, placement
+    )
+    report = add_weight_check(report, weight_check(s.original, s.baked, d))
+    if s.output is not None:
+        data = {"original": s.original, "baked": s.baked, "direction": str(s.direction), **report.to_dict()}
+        write_report(
+            s.output, {**data, "settings": s.record()}, force=s.force, inputs=paths, record_paths=s.record_paths
+        )
+    return report
+
+
+def baked_direction(direction: str | os.PathLike, baked: str | os.PathLike):
+    """The direction of a run folder with the mode and alpha a baked output recorded (the hook it equals)."""
+    from cosmic_bake.artifacts import Direction, baked_settings
+
+    d = Direction.load(direction)
+    recorded = baked_settings(str(baked))
+    return d if recorded is None else d.with_mode(*recorded)
+
+
+def evaluate(
+    model: Any = None,
+    *,
+    session: Session | None = None,
+    inputs: Paths = (),
+    placement: Placement | None = None,
+    **options,
+):
+    """Refusal rates on harmful and harmless prompts, and harmless first-token KL.
+
+    KL is against the same model without the hook, or against ``kl_against`` (for a baked model).
+    Options are :class:`~cosmic_bake.settings.EvalSettings`' fields. Returns the
+    :class:`~cosmic_bake.verify.evaluate.EvalReport`; with ``output`` set, also writes it as JSON.
+    """
+    from cosmic_bake.outputs import check_target, write_report
+    from cosmic_bake.verify.evaluate import evaluate as evaluate_model
+    from cosmic_bake.verify.evaluate import first_token_logits
+
+    s = _settings(EvalSettings, {"model": model}, options)
+    session = session or Session()
+    paths = _inputs(s, inputs)
+    if s.output is not None:
+        check_target(s.output, force=s.force, inputs=paths, kind="json")
+    bad, good = s.eval_prompts()
+    load = (s.dtype, s.chat_template, s.system_prompt)
+    base_logits = None
+    if s.kl_against is not None:
+        ref, _, ref_fmt = session.load_for_eval(s.kl_against, s.runtime, "none", *load, placement=placement)
+        base_logits = first_token_logits(ref, ref_fmt, good, _eval_batch(s.batch_size))
+        del ref
+    lm, arch, fmt = session.load_for_eval(s.model, s.runtime, s.kind, *load, placement=placement)
+    rep = evaluate_model(
+        lm,
+        arch,
+        fmt,
+        harmful=bad,
+        harmless=good,
+        intervention=_intervention(s),
+        max_new_tokens=s.max_new_tokens,
+        batch_size=_eval_batch(s.batch_size),
+        base_logits=base_logits,
+    )
+    if s.output is not None:
+        direction = str(s.direction) if s.direction else None
+        data = {"model": s.model, "direction": direction, **rep.summary(), "completions": rep.completions}
+        write_report(
+            s.output, {**data, "settings": s.record()}, force=s.force, inputs=paths, record_paths=s.record_paths
+        )
+    return rep
+
+
+def _eval_batch(batch_size: int | str) -> int | str:
+    """Generation batches: at most 32 prompts, or ``auto`` (largest that fits on an accelerator)."""
+    return batch_size if batch_size == "auto" else min(batch_size, 32)
+
+
+def _intervention(s: EvalSettings):
+    """The hook ``eval`` applies (None for ``none``), with the artifact's alpha unless one is given."""
+    from cosmic_bake.artifacts import Direction
+    from cosmic_bake.model.hooks import Intervention
+
+    if s.kind == "none":
+        return None
+    d = Direction.load(s.direction)
+    a, one = (d.alpha if s.alpha is None else s.alpha), (1.0 if s.alpha is None else s.alpha)
+    return {
+        "remove": lambda: Intervention.remove(d.direction),
+        "add": lambda: Intervention.add(d.direction, d.layer, one),
+        "affine": lambda: Intervention.affine(d.direction, d.reference, d.layer, a),
+        "pin": lambda: Intervention.pin(d.direction, d.reference, d.layer, a),
+        "scale": lambda: Intervention.scale(d.direction, d.reference, d.layer, one),
+    }[s.kind]()
+
+
+def sweep(
+    model=None,
+    direction=None,
+    output=None,
+    *,
+    session: Session | None = None,
+    inputs: Paths = (),
+    placement: Placement | None = None,
+    **options,
+):
+    """Evaluate the baked form of a steering edit at each alpha; pick the safest within the harmless cap.
+
+    Options are :class:`~cosmic_bake.settings.SweepSettings`' fields. Writes ``output`` (sweep.json,
+    sweep.png, manifest.json) and returns the :class:`~cosmic_bake.select.sweep.Sweep`.
+    """
+    from cosmic_bake.artifacts import Direction, source_record
+    from cosmic_bake.outputs import atomic_dir, check_target, manifest
+    from cosmic_bake.select.sweep import sweep as sweep_alphas
+    from cosmic_bake.select.sweep import write_sweep
+
+    s = _settings(SweepSettings, {"model": model, "direction": direction, "output": output}, options)
+    paths = _inputs(s, inputs)
+    check_target(s.output, force=s.force, inputs=paths)
+    d = Direction.load(s.direction)
+    bad, good = s.eval_prompts()
+    lm, arch, fmt = (session or Session()).load(s.model, s.dtype, s.chat_template, s.system_prompt, placement=placement)
+    result = sweep_alphas(
+        lm.model,
+        arch,
+        fmt,
+        d,
+        mode=s.mode,
+        alphas=list(s.alphas),
+        harmful=bad,
+        harmless=good,
+        max_new_tokens=s.max_new_tokens,
+        batch_size=_eval_batch(s.batch_size),
+        max_harmless_refusal=s.max_harmless_refusal,
+    )
+    with atomic_dir(s.output, force=s.force, inputs=paths) as tmp:
+        write_sweep(result, tmp, f"{s.mode} sweep, {s.model}")
+        extra = {"direction": d.record(), "sweep": result.to_dict(), "settings": s.record()}
+        source = source_record(lm.source, s.record_paths)
+        manifest(tmp, stage="sweep", source=source, extra=extra, record_paths=s.record_paths)
+    return result
+
+
+def compare(
+    model: Any = None,
+    output: Any = None,
+    *,
+    session: Session | None = None,
+    inputs: Paths = (),
+    placement: Placement | None = None,
+    **options,
+):
+    """Run COSMIC and the refusal-score selector on the same prompts and compare their directions.
+
+    Options are :class:`~cosmic_bake.settings.CompareSettings`' fields. Writes ``output``
+    (compare.json, compare.md, compare.png, one folder per direction) and returns the
+    :class:`~cosmic_bake.select.compare.Comparison`.
+    """
+    from cosmic_bake.artifacts import source_record
+    from cosmic_bake.outputs import atomic_dir, check_target, manifest
+    from cosmic_bake.prompts.sets import load_prompts
+    from cosmic_bake.select.compare import compare as compare_selectors
+    from cosmic_bake.select.compare import write_comparison
+
+    s = _settings(CompareSettings, {"model": model, "output": output}, options)
+    paths = _inputs(s, inputs)
+    check_target(s.output, force=s.force, inputs=paths)
+    sets = s.prompt_sets()
+    bad = load_prompts(s.eval_harmful, s.column, limit=s.limit_eval_harmful)
+    good = load_prompts(s.eval_harmless, s.column, limit=s.limit_eval_harmless)
+    lm, arch, fmt = (session or Session()).load(s.model, s.dtype, s.chat_template, s.system_prompt, placement=placement)
+    result = compare_selectors(lm, arch, fmt, sets, s, eval_harmful=bad, eval_harmless=good)
+    with atomic_dir(s.output, force=s.force, inputs=paths) as tmp:
+        write_comparison(result, tmp, compare_title(s))
+        extra = {
+            "comparison": result.to_dict(),
+            "directions": {k: d.record() for k, d in result.directions.items()},
+            "settings": s.record(),
+        }
+        source = source_record(lm.source, s.record_paths)
+        manifest(tmp, stage="compare", source=source, extra=extra, record_paths=s.record_paths)
+    return result
+
+
+def compare_title(s: CompareSettings) -> str:
+    return f"Selectors compared on {s.model}" + (" (system prompt set)" if s.system_prompt is not None else "")
+
+
+def plan_push(folder: Any = None, repo_id: str | None = None, **options):
+    """What ``push`` would upload (files and the card), as a :class:`~cosmic_bake.export.hub_push.PushPlan`."""
+    from cosmic_bake.export.hub_push import plan_push as plan
+
+    s = _settings(PushSettings, {"folder": folder, "repo_id": repo_id}, options)
+    return plan(s.folder, include_gguf=not s.no_gguf)
+
+
+def push(folder: Any = None, repo_id: str | None = None, **options) -> str | None:
+    """Upload a bake or run folder to the Hub in one commit; returns its URL (None with ``dry_run``)."""
+    from cosmic_bake.export.hub_push import push as upload
+
+    s = _settings(PushSettings, {"folder": folder, "repo_id": repo_id}, options)
+    if s.dry_run:
+        return None
+    message = f"Upload {s.folder.name} with cosmic-bake"
+    return upload(plan_push(s), s.repo_id, private=s.private, revision=s.revision, message=message)

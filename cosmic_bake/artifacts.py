@@ -130,12 +130,25 @@ def model_hash(source_rec: dict) -> str:
     return sha256_bytes("".join(f"{k}:{v};" for k, v in sorted(files.items())).encode())
 
 
-def source_record(source) -> dict:
-    """Where the model came from, with file hashes so anyone can check they have the same one."""
-    rec: dict = {"spec": source.spec, "kind": source.kind}
+def source_record(source, record_paths: bool = False) -> dict:
+    """Where the model came from, portably: Hub id and revision, else file names, sizes and SHA-256s.
+
+    The record goes into manifests that are uploaded with the output, so it names the source by
+    what anyone can check against their own copy, never by the folder it sits in on this
+    machine; ``record_paths`` adds the spec as typed and the local path (the user asked for them).
+    """
+    from cosmic_bake.sharing import portable_name
+
+    rec: dict = {"name": portable_name(source.spec), "kind": source.kind}
     if source.hub_id:
         rec.update(hub_id=source.hub_id, revision=source.revision)
-    rec["files"] = {p.name: sha256_file(p) for p in source.files}
+    files = source.files
+    rec["files"] = {p.name: sha256_file(p) for p in files}
+    rec["sizes"] = {p.name: p.stat().st_size for p in files}
+    if record_paths:
+        rec["spec"] = source.spec
+        if source.path is not None:
+            rec["path"] = str(Path(source.path).expanduser().resolve())
     return rec
 
 
@@ -174,8 +187,17 @@ def load_direction(direction: Direction | str | Path) -> tuple[Direction, dict |
     return d, scores
 
 
-def gguf_provenance(d: Direction, source_hash: str, extra: dict | None = None) -> dict[str, str | int]:
-    """The ``cosmic_bake.*`` metadata keys every baked GGUF carries."""
+def gguf_provenance(
+    d: Direction, source_hash: str, extra: dict | None = None, source_name: str | None = None
+) -> dict[str, str | int]:
+    """The ``cosmic_bake.*`` metadata keys every baked GGUF carries.
+
+    ``cosmic_bake.source_model`` is ``source_name`` (the source record's portable name: Hub id,
+    ``builtin:NAME`` or file name); a direction saved before names were portable may hold a path
+    as its ``model_id``, which is reduced to its file name here.
+    """
+    from cosmic_bake.sharing import portable_name
+
     return {
         "cosmic_bake.version": __version__,
         "cosmic_bake.mode": d.mode,
@@ -184,7 +206,7 @@ def gguf_provenance(d: Direction, source_hash: str, extra: dict | None = None) -
         "cosmic_bake.layer": int(d.layer),
         "cosmic_bake.position": int(d.position),
         "cosmic_bake.selector": d.selector,
-        "cosmic_bake.source_model": d.model_id or "",
+        "cosmic_bake.source_model": source_name or (portable_name(d.model_id) if d.model_id else ""),
         "cosmic_bake.source_hash": source_hash,
         **(extra or {}),
     }

@@ -15,7 +15,14 @@ Every command that writes goes through :func:`check_target` (directly, or throug
 
 Outputs are built under a hidden temporary name beside the target and renamed into place only
 when complete (the rule is checked again just before), so an interrupted run never leaves an
-output that looks finished.
+output that looks finished. ``mkstemp`` / ``mkdtemp`` create those temporaries private (0600 /
+0700) whatever the umask; :func:`~cosmic_bake.sharing.share_modes` gives the finished output the modes an ordinary
+``open()`` / ``mkdir()`` would (0644 / 0755 under umask 022), so another account, a web server or
+a shared volume can read what was written for it.
+
+What leaves the machine (cards, manifests, reports, GGUF metadata) names files by what is
+portable: :func:`~cosmic_bake.sharing.portable` turns a local path into its file name, unless the user asked for
+paths (``record_paths``).
 """
 
 from __future__ import annotations
@@ -33,6 +40,7 @@ from pathlib import Path
 
 from cosmic_bake import __version__
 from cosmic_bake.errors import CosmicBakeError, first_line
+from cosmic_bake.sharing import portable, share_modes
 
 MANIFEST = "manifest.json"
 TOOL = "cosmic-bake"  # the "tool" key of every manifest and report JSON: how an output is recognised
@@ -262,6 +270,7 @@ def atomic_dir(
     tmp = Path(tempfile.mkdtemp(prefix=f".{real.name}.partial-", dir=real.parent))
     try:
         yield tmp
+        share_modes(tmp)
         check_target(target, force=force, inputs=inputs, kind=kind)
         if real.exists() and not _is_empty_dir(real):
             old = Path(tempfile.mkdtemp(prefix=f".{real.name}.old-", dir=real.parent))
@@ -308,16 +317,28 @@ def atomic_file(
     tmp = Path(name)
     try:
         yield tmp
+        share_modes(tmp)
         check_target(target, force=force, inputs=inputs, kind=kind)
         replace_file(tmp, real)
     finally:
         tmp.unlink(missing_ok=True)
 
 
-def write_report(path: str | os.PathLike, data: dict, *, force: bool, inputs: Iterable[str | os.PathLike] = ()) -> None:
-    """A report JSON (verify / eval ``-o``), tagged with the tool so ``--force`` can recognise it later."""
+def write_report(
+    path: str | os.PathLike,
+    data: dict,
+    *,
+    force: bool,
+    inputs: Iterable[str | os.PathLike] = (),
+    record_paths: bool = False,
+) -> None:
+    """A report JSON (verify / eval ``-o``), tagged with the tool so ``--force`` can recognise it later.
+
+    Reports travel (``push`` uploads a run's), so the models and folders they name are written
+    as file names unless ``record_paths`` (:func:`~cosmic_bake.sharing.portable`).
+    """
     with atomic_file(path, force=force, inputs=inputs, kind="json") as tmp:
-        write_json(tmp, {"tool": TOOL, **data})
+        write_json(tmp, {"tool": TOOL, **portable(data, record_paths), "record_paths": record_paths})
 
 
 def write_json(path: Path, data: object) -> None:
@@ -332,6 +353,7 @@ def write_text(path: Path, text: str) -> None:
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as fh:
             fh.write(text)
+        share_modes(name)
         os.replace(name, path)
     except BaseException:
         Path(name).unlink(missing_ok=True)
@@ -351,16 +373,21 @@ def environment() -> dict[str, str]:
     }
 
 
-def manifest(folder: Path, *, stage: str, source: dict, extra: dict) -> dict:
-    """Write ``manifest.json`` describing ``folder``: inputs, settings, results and file hashes."""
+def manifest(folder: Path, *, stage: str, source: dict, extra: dict, record_paths: bool = False) -> dict:
+    """Write ``manifest.json`` describing ``folder``: inputs, settings, results and file hashes.
+
+    The manifest is uploaded with the output, so local paths in ``source`` and ``extra`` become
+    file names unless ``record_paths``, which the manifest records (``push`` reads it).
+    """
     files = {p.relative_to(folder).as_posix(): sha256_file(p) for p in sorted(folder.rglob("*")) if p.is_file()}
     data = {
         "tool": TOOL,
         "stage": stage,
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "versions": environment(),
-        "source_model": source,
-        **extra,
+        "record_paths": record_paths,
+        "source_model": portable(source, record_paths),
+        **portable(extra, record_paths),
         "files": files,
     }
     write_json(folder / MANIFEST, data)

@@ -32,6 +32,7 @@ from cosmic_bake.model.devices import (
     resolve_device,
     resolve_dtype,
 )
+from cosmic_bake.model.session import Session
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -92,15 +93,16 @@ def test_select_eval_verify_with_disk_offload(tiny_model_factory, tmp_path):
 
     folder = tiny_model_factory("llama")
     placement = _budget_placement(tmp_path)
-    plain = api.load(str(folder))
-    offloaded = api.load(str(folder), placement=placement)
+    session = Session(pin=[str(folder)])  # select runs on the very models checked here
+    plain = session.load(str(folder))
+    offloaded = session.load(str(folder), placement=placement)
     disk = _on_disk(offloaded[0])
     assert any(name.startswith("model.layers.") for name in disk), offloaded[0].extra["device_map"]
     assert "cpu" in offloaded[0].extra["device_map"].values()
     assert "device_map" not in plain[0].extra  # the default stays a plain CPU load
 
-    api.select(str(folder), tmp_path / "mem", loaded=plain, **LIMITS)
-    api.select(str(folder), tmp_path / "off", loaded=offloaded, **LIMITS)
+    api.select(str(folder), tmp_path / "mem", session=session, **LIMITS)
+    api.select(str(folder), tmp_path / "off", session=session, placement=placement, **LIMITS)
     _assert_same_selection(tmp_path / "mem", tmp_path / "off")
 
     d = Direction.load(tmp_path / "mem")
@@ -131,16 +133,17 @@ def test_alternating_device_map_file_with_post_norms(tiny_model_factory, tmp_pat
     """Gemma 2 (norm gains read from offloaded weights) with CPU and disk layers alternating, and LoRA export."""
     folder = tiny_model_factory("gemma2")
     placement = _alternating_map(tmp_path, 4)
-    offloaded = api.load(str(folder), placement=placement)
+    session = Session(pin=[str(folder)])
+    offloaded = session.load(str(folder), placement=placement)
     disk = _on_disk(offloaded[0])
     assert {"model.layers.1", "model.layers.3", "lm_head"} <= set(disk)
-    api.select(str(folder), tmp_path / "mem", mode="affine", **LIMITS)
-    api.select(str(folder), tmp_path / "off", mode="affine", loaded=offloaded, **LIMITS)
+    api.select(str(folder), tmp_path / "mem", mode="affine", session=session, **LIMITS)
+    api.select(str(folder), tmp_path / "off", mode="affine", session=session, placement=placement, **LIMITS)
     _assert_same_selection(tmp_path / "mem", tmp_path / "off")
 
     from safetensors.torch import load_file
 
-    api.select(str(folder), tmp_path / "ablate", **LIMITS)
+    api.select(str(folder), tmp_path / "ablate", session=session, **LIMITS)
     api.export_lora(str(folder), tmp_path / "ablate", tmp_path / "lora_mem", gguf=False)
     api.export_lora(str(folder), tmp_path / "ablate", tmp_path / "lora_off", gguf=False, placement=placement)
     a = load_file(tmp_path / "lora_mem" / "adapter_model.safetensors")

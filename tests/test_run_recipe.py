@@ -100,11 +100,12 @@ def test_bad_recipes_are_one_clear_line(tmp_path, body, expect):
 def test_shipped_recipes_plan_valid_steps(path, tmp_path):
     recipe = load_recipe(path)
     assert recipe.goal in ("remove refusals", "make safer") and recipe.description
-    steps = plan_steps(recipe, tmp_path, {n: cli.commands[n] for n in ("select", "bake", "verify", "eval")})
+    steps = plan_steps(recipe, tmp_path)  # builds (and so validates) every step's settings
     names = [s.name for s in steps]
     assert names[0] == "select" and "bake-hf" in names and any(n.startswith("verify-") for n in names)
-    for step in steps:  # every argv parses with its real command (options and values valid)
-        cli.commands[step.command].make_context(step.command, list(step.args), resilient_parsing=False)
+    for step in steps:  # every step's command line parses with its real command and gives the same settings
+        ctx = cli.commands[step.command].make_context(step.command, step.settings.argv(), resilient_parsing=False)
+        assert type(step.settings).build(**ctx.params) == step.settings
 
 
 def test_set_overrides_and_model_option(tmp_path):

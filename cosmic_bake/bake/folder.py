@@ -21,7 +21,8 @@ from cosmic_bake.bake.constant import place_constant
 from cosmic_bake.bake.plan import BakePlan, add_constant, plan_bake
 from cosmic_bake.errors import CosmicBakeError, first_line
 from cosmic_bake.export import safetensors_write
-from cosmic_bake.export.card import CARD_FILE, base_model_id, model_card
+from cosmic_bake.export.card import CARD_FILE, model_card
+from cosmic_bake.export.lineage import lineage
 from cosmic_bake.export.safetensors_read import (
     list_weights,
     parse_size,
@@ -104,6 +105,9 @@ def bake_folder(
     mode: str | None = None,
     alpha: float | None = None,
     inputs: Iterable[str | os.PathLike] = (),
+    settings: dict | None = None,
+    base_model: str | None = None,
+    record_paths: bool = False,
 ) -> BakeReport:
     """Bake linear removal of ``direction`` into the safetensors model in ``source_folder``; write ``out``.
 
@@ -117,6 +121,10 @@ def bake_folder(
     Returns a :class:`BakeReport`; its ``warnings`` say when the result differs from the hook.
     ``out`` may not be, contain or lie inside the source, the direction or ``inputs``; ``force``
     replaces only an earlier cosmic-bake output (:func:`cosmic_bake.outputs.check_target`).
+    ``settings`` (the bake command's, serialised) goes into the manifest.
+    ``base_model`` (a Hub id) names the card's base model when the source does not
+    (:mod:`cosmic_bake.export.lineage`); ``record_paths`` writes local paths into the manifest
+    (by default it names the source by Hub id or file name, size and hash, fit to upload).
     """
     from cosmic_bake.artifacts import model_hash
     from cosmic_bake.model.loading import ModelSource
@@ -135,9 +143,10 @@ def bake_folder(
     config = load_config(folder)
     d_model = int(getattr(text_config(config), "hidden_size", 0) or 0)
     src = source or ModelSource(str(folder), "folder", path=folder)
-    record = source_record(src)
-    if src.kind == "gguf":
+    record = source_record(src, record_paths)
+    if src.kind == "gguf" and record_paths:
         record["baked_from"] = str(folder)
+    lin = lineage(src, base_model=base_model, folder=folder, model_id=d.model_id)
     check_direction(d, d_model, model_hash(record), allow_mismatch)
     listing = list_weights(folder)
     layout = model_layout(config)
@@ -210,9 +219,9 @@ def bake_folder(
             skipped=skipped,
         )
         report.constant = placement.note if placement else ""
-        base = base_model_id(src, config_dict, d)
-        (tmp / CARD_FILE).write_text(model_card(report, plan, src.spec, base), encoding="utf-8")
-        manifest(tmp, stage="bake", source=record, extra=_manifest_extra(report, d, scores, plan))
+        (tmp / CARD_FILE).write_text(model_card(report, plan, lin), encoding="utf-8")
+        extra = {**_manifest_extra(report, d, scores, plan), "lineage": lin.record(), "settings": settings}
+        manifest(tmp, stage="bake", source=record, extra=extra, record_paths=record_paths)
         timings["finish"] = time.perf_counter() - t
     timings["total"] = time.perf_counter() - t0
     return report

@@ -30,9 +30,20 @@ def temp_path(target: Path) -> Path:
     return Path(name)
 
 
-def _manifest(out: Path, written: Path, record: dict, d: Direction, scores: dict | None, bake: dict) -> dict:
-    """The manifest of ``out``, whose bytes are (still) at ``written``."""
+def _manifest(
+    out: Path,
+    written: Path,
+    record: dict,
+    d: Direction,
+    scores: dict | None,
+    bake: dict,
+    lin,
+    record_paths: bool,
+    settings: dict | None,
+) -> dict:
+    """The manifest of ``out``, whose bytes are (still) at ``written``; portable unless ``record_paths``."""
     from cosmic_bake.outputs import environment, sha256_file
+    from cosmic_bake.sharing import portable
 
     return {
         "tool": "cosmic-bake",
@@ -40,10 +51,13 @@ def _manifest(out: Path, written: Path, record: dict, d: Direction, scores: dict
         "format": "gguf",
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "versions": environment(),
-        "source_model": record,
-        "direction": d.record(),
+        "record_paths": record_paths,
+        "source_model": portable(record, record_paths),
+        "lineage": lin.record(),
+        "direction": portable(d.record(), record_paths),
         "scores": scores,
-        "bake": bake,
+        "bake": portable(bake, record_paths),
+        "settings": portable(settings, record_paths),
         "files": {out.name: sha256_file(written)},
     }
 
@@ -69,6 +83,9 @@ def bake_to_gguf(
     mode: str | None = None,
     alpha: float | None = None,
     inputs: Iterable[str | os.PathLike] = (),
+    settings: dict | None = None,
+    base_model: str | None = None,
+    record_paths: bool = False,
 ) -> dict:
     """Bake ``run_dir``'s direction into ``model`` and write ``out`` (a .gguf file) plus its manifest.
 
@@ -76,10 +93,16 @@ def bake_to_gguf(
     for other sources it means f16. Returns the bake section of the manifest. ``out`` (and its
     manifest) may not be, contain or lie inside the model, ``run_dir`` or ``inputs``; ``force``
     replaces only a GGUF that cosmic-bake baked (:func:`cosmic_bake.outputs.check_target`).
+    ``settings`` (the bake command's, serialised) goes into the manifest.
+    The file's ``general.name`` says it is edited and its base-model keys name the source
+    (``base_model``, a Hub id, when the source does not say it); the manifest names the source by
+    Hub id or file name, size and hash unless ``record_paths``.
     """
     from cosmic_bake.artifacts import check_direction, load_direction, model_hash, source_record
+    from cosmic_bake.export.lineage import check_base_model, gguf_identity, lineage
     from cosmic_bake.model.loading import model_inputs, resolve, source_folder
     from cosmic_bake.outputs import check_target, replace_file, write_json
+    from cosmic_bake.sharing import share_modes
 
     out = Path(out)
     inputs = [*model_inputs(model), Path(run_dir), *inputs]
@@ -89,13 +112,17 @@ def bake_to_gguf(
     if outtype is not None:
         ggml_quant.file_type(outtype)
     ggml_quant.tensor_type(edited_type)
+    check_base_model(base_model)
     source = resolve(model)
     inputs += [source.path] if source.path is not None else []
     d, scores = load_direction(run_dir)
     d = d.with_mode(mode, alpha)
-    record = source_record(source)
+    record = source_record(source, record_paths)
     shash = model_hash(record)
     check_direction(d, d.direction.numel(), shash, allow_mismatch)
+    folder = None if source.kind == "gguf" else source_folder(model)[1]
+    lin = lineage(source, base_model=base_model, folder=folder, model_id=d.model_id)
+    identity = gguf_identity(lin, d.mode, d.alpha)
     t0 = time.perf_counter()
     tmp = temp_path(real)  # beside the real file (a symlinked -o included): the rename stays on one filesystem
     tmp_manifest = temp_path(manifest_path(real))
@@ -109,15 +136,20 @@ def bake_to_gguf(
                 edited_type=edited_type,
                 edited_type_always=edited_type_always,
                 embeddings=embeddings,
+                identity=identity,
+                source_name=record["name"],
             )
             bake = {"route": "gguf-to-gguf", **report.to_dict()}
         else:
-            folder = source_folder(model)[1]
-            bake = _bake_via_safetensors(folder, source, d, tmp, outtype or "f16", shash, embeddings)
+            folder = folder or source_folder(model)[1]
+            bake = _bake_via_safetensors(
+                folder, source, d, tmp, outtype or "f16", shash, embeddings, identity, record["name"]
+            )
         bake["embeddings"] = embeddings
-        bake["output"] = str(out)
+        bake["output"] = str(out) if record_paths else out.name
         bake["seconds"] = time.perf_counter() - t0
-        write_json(tmp_manifest, _manifest(real, tmp, record, d, scores, bake))
+        write_json(tmp_manifest, _manifest(real, tmp, record, d, scores, bake, lin, record_paths, settings))
+        share_modes(tmp)  # mkstemp made it private; the finished file gets what open() would give
         real = check_target(out, force=force, inputs=inputs, kind="gguf")  # again: the bake took a while
         os.replace(tmp_manifest, manifest_path(real))
         replace_file(tmp, real)
@@ -128,9 +160,21 @@ def bake_to_gguf(
 
 
 def _bake_via_safetensors(
-    folder: Path, source, d: Direction, out: Path, outtype: str, shash: str, embeddings: str
+    folder: Path,
+    source,
+    d: Direction,
+    out: Path,
+    outtype: str,
+    shash: str,
+    embeddings: str,
+    identity: dict,
+    source_name: str,
 ) -> dict:
-    """transformers folder -> baked safetensors -> float GGUF -> (llama.cpp quantizer) -> ``out``."""
+    """transformers folder -> baked safetensors -> float GGUF -> (llama.cpp quantizer) -> ``out``.
+
+    ``identity`` is the GGUF's ``general.name`` and base-model keys; the temporary folder the
+    float GGUF is converted from would otherwise name it ("hf").
+    """
     from cosmic_bake.bake.folder import bake_folder
     from cosmic_bake.export.gguf_convert import convert_folder
 
@@ -143,7 +187,10 @@ def _bake_via_safetensors(
         t = time.perf_counter()
         float_type = outtype if outtype in ggml_quant.FLOAT_OUTTYPES else "f32"
         float_file = work / "float.gguf"
-        conv = convert_folder(work / "hf", float_file, float_type, metadata=gguf_provenance(d, shash))
+        keys = dict(identity)
+        name = keys.pop("general.name", None)
+        meta = {**gguf_provenance(d, shash, source_name=source_name), **keys}
+        conv = convert_folder(work / "hf", float_file, float_type, metadata=meta, name=name)
         timings["convert"] = time.perf_counter() - t
         if outtype in ggml_quant.FLOAT_OUTTYPES:
             os.replace(float_file, out)

@@ -266,8 +266,15 @@ def bake_gguf_file(
     edited_type: str = "q8_0",
     edited_type_always: bool = False,
     embeddings: str = "untie",
+    identity: dict | None = None,
+    source_name: str | None = None,
 ) -> GgufBakeReport:
-    """Write ``out`` (a temporary path the caller renames): ``source`` with the removal baked in."""
+    """Write ``out`` (a temporary path the caller renames): ``source`` with the removal baked in.
+
+    ``identity`` replaces the source's ``general.name`` and base-model keys
+    (:func:`~cosmic_bake.export.lineage.gguf_identity`), so llama.cpp's model list tells the edited
+    file from the original; ``source_name`` is the portable name ``cosmic_bake.source_model`` records.
+    """
     t0 = time.perf_counter()
     reader = open_gguf(source)
     arch = architecture(reader)
@@ -329,7 +336,9 @@ def bake_gguf_file(
         direction,
         source_hash,
         {"cosmic_bake.edited_type": edited_type + (" (all edited)" if edited_type_always else " (fallback)")},
+        source_name,
     )
+    meta.update(identity or {})
     write_gguf(reader, out, out_tensors, meta)
     timings["write"] = time.perf_counter() - t
     changed = [e for e in edits if e.kind != "copy"]
@@ -337,7 +346,7 @@ def bake_gguf_file(
     if target is not None:
         constant_note = f"added to {target}" + ("" if target in names else " (new float32 tensor)")
     return GgufBakeReport(
-        output=str(out),
+        output=Path(out).name,
         architecture=arch,
         d_model=d_model,
         direction_digest=direction.digest,

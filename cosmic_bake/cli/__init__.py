@@ -2,8 +2,8 @@
 
 The ``cli`` group and ``main`` (the ``cosmic-bake`` console script) live here; each command is one
 module of this package (``select``, ``evaluate``, ``bake``, ``verify``, ``sweep``, ``compare``, ``run``,
-``push``), sharing the option groups and printing helpers of ``options``. Nothing outside this
-package imports it.
+``push``): its options are generated from the command's settings class (``options.command_options``),
+it builds the settings, calls the API and prints the result. Nothing outside this package imports it.
 """
 
 from __future__ import annotations

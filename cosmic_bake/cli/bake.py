@@ -1,139 +1,42 @@
-"""``bake`` and ``verify`` commands: options in, pipeline stages out; no math here.
-
-Registered by ``cli.py`` (``cli.add_command(bake_cmd)``, ``cli.add_command(verify_cmd)``).
-``verify`` exits with status 1 when the baked model is outside tolerance, so scripts and CI can
-gate on it; user errors raise :class:`CosmicBakeError` (exit status 2 through ``cli.main``).
-"""
+"""``bake`` command: the direction of a run folder baked into a model (hf folder, GGUF file or LoRA)."""
 
 from __future__ import annotations
 
 from collections import Counter
-from pathlib import Path
 
 import click
 
-from cosmic_bake.cli.options import cli_inputs, echo_table
-from cosmic_bake.errors import CosmicBakeError
-from cosmic_bake.export.ggml_quant import EDITED_TYPES, FILE_TYPES
+from cosmic_bake.cli.options import cli_session, command_options, echo_table
+from cosmic_bake.settings import BakeSettings
 
 
 @click.command("bake")
-@click.argument("model")
-@click.option(
-    "--direction", "run_dir", required=True, type=click.Path(path_type=Path), help="RUN_DIR written by select."
-)
-@click.option(
-    "--format",
-    "out_format",
-    type=click.Choice(["hf", "gguf", "lora"]),
-    default="hf",
-    show_default=True,
-    help="Output: a transformers folder, a GGUF file, or LoRA adapters (PEFT + llama.cpp) for an unchanged base.",
-)
-@click.option(
-    "-o", "--output", "out", required=True, type=click.Path(path_type=Path), help="Folder (hf) or .gguf file to write."
-)
-@click.option(
-    "--embeddings",
-    type=click.Choice(["untie", "skip"]),
-    default="untie",
-    show_default=True,
-    help="Edit the token embedding (untying a tied output head), or leave it alone (differs from the hook).",
-)
-@click.option("--force", is_flag=True, help="Replace an earlier cosmic-bake output (or an empty folder) at -o.")
-@click.option("--max-shard-size", default=None, help="Reshard the output (e.g. 2GB); default: the source's shards.")
-@click.option("--allow-mismatch", is_flag=True, help="Bake a direction selected on a different model file.")
-@click.option(
-    "--outtype",
-    type=click.Choice(list(FILE_TYPES), case_sensitive=False),
-    default=None,
-    help="GGUF output type (llama.cpp quantizer for q*). Default: keep a GGUF source's types, else f16.",
-)
-@click.option(
-    "--edited-type",
-    type=click.Choice(list(EDITED_TYPES), case_sensitive=False),
-    default="q8_0",
-    show_default=True,
-    help="GGUF source: type for edited tensors whose own type cannot hold them.",
-)
-@click.option(
-    "--mode",
-    type=click.Choice(["ablate", "add", "affine", "scale"]),
-    default=None,
-    help="Edit to bake (default: the direction's): remove, add alpha*r at its layer, ACE pinned there, "
-    "or scale the component around the harmful/harmless midpoint by 1 + alpha.",
-)
-@click.option("--alpha", type=float, default=None, help="Coefficient for add / affine (default: the direction's).")
-@click.option(
-    "--edited-type-always",
-    is_flag=True,
-    help="GGUF source: write every edited tensor as --edited-type (closer to the hook than a 4-bit source type).",
-)
-def bake_cmd(
-    model,
-    run_dir,
-    out_format,
-    out,
-    embeddings,
-    force,
-    max_shard_size,
-    allow_mismatch,
-    outtype,
-    mode,
-    alpha,
-    edited_type,
-    edited_type_always,
-) -> None:
+@command_options(BakeSettings)
+def bake_cmd(**params) -> None:
     """Bake the refusal direction of RUN_DIR into MODEL's weights; write a model folder (hf) or file (gguf)."""
     from cosmic_bake.api import bake
-    from cosmic_bake.model.loading import model_inputs
-    from cosmic_bake.outputs import check_target
 
-    inputs = [*model_inputs(model), *cli_inputs(run_dir)]
-    check_target(out, force=force, inputs=inputs, kind="gguf" if out_format == "gguf" else "folder")
-    if out_format == "lora":
-        from cosmic_bake.api import export_lora
+    s = BakeSettings.build(**params)
+    show(s, bake(s, session=cli_session()))
 
-        if outtype is not None or (mode not in (None, "ablate")):
-            raise CosmicBakeError("--format lora carries linear removal only", "drop --outtype / --mode")
-        done = export_lora(model, run_dir, out, force=force, allow_mismatch=allow_mismatch, inputs=inputs)
-        click.echo(f"LoRA adapters for {model}: {done['modules']} modules (rank 1)")
-        echo_table(
-            [(name, f"{size / 2**20:.2f} MiB") for name, size in sorted(done["bytes"].items())]
-            + [("written", str(out))]
-        )
-        return
-    if out_format == "gguf":
-        _bake_gguf(
-            model,
-            run_dir,
-            out,
-            outtype,
-            edited_type,
-            edited_type_always,
-            embeddings,
-            force,
-            allow_mismatch,
-            mode,
-            alpha,
-            inputs,
-        )
-        return
-    if outtype is not None:
-        raise CosmicBakeError("--outtype applies to --format gguf", "drop --outtype, or pass --format gguf")
-    report = bake(
-        model,
-        run_dir,
-        out,
-        embeddings=embeddings,
-        force=force,
-        max_shard_size=max_shard_size,
-        allow_mismatch=allow_mismatch,
-        mode=mode,
-        alpha=alpha,
-        inputs=inputs,
+
+def show(s: BakeSettings, result) -> None:
+    """What a bake wrote: by format, the LoRA sizes, the GGUF types or the folder's edits."""
+    {"lora": _show_lora, "gguf": _show_gguf, "hf": _show_folder}[s.format](s, result)
+    for warning in result["warnings"] if isinstance(result, dict) else result.warnings:
+        click.echo(f"warning: {warning}", err=True)
+
+
+def _show_lora(s: BakeSettings, done: dict) -> None:
+    click.echo(f"LoRA adapters for {s.model}: {done['modules']} modules (rank 1)")
+    echo_table(
+        [(name, f"{size / 2**20:.2f} MiB") for name, size in sorted(done["bytes"].items())]
+        + [("written", str(s.output))]
     )
-    click.echo(f"baked {model} ({report.model_type}, {report.n_layers} layers, d={report.d_model})")
+
+
+def _show_folder(s: BakeSettings, report) -> None:
+    click.echo(f"baked {s.model} ({report.model_type}, {report.n_layers} layers, d={report.d_model})")
     edits = ", ".join(f"{n} {k}" for k, n in sorted(report.edits.items()))
     echo_table(
         [
@@ -141,39 +44,19 @@ def bake_cmd(
             ("mode", report.mode + ("" if report.mode == "ablate" else f", alpha {report.alpha:g}: {report.constant}")),
             ("writers", f"{len(report.writers)} residual writers, embeddings: {len(report.embeddings_edited)}"),
             ("tensors", edits),
-            ("embeddings", embeddings + (" (output head untied)" if report.untied else "")),
+            ("embeddings", s.embeddings + (" (output head untied)" if report.untied else "")),
             ("files", ", ".join(report.files)),
             ("seconds", f"{report.timings.get('total', 0.0):.1f}"),
-            ("written", str(out)),
+            ("written", str(s.output)),
         ]
     )
-    for warning in report.warnings:
-        click.echo(f"warning: {warning}", err=True)
 
 
-def _bake_gguf(
-    model, run_dir, out, outtype, edited_type, always, embeddings, force, allow_mismatch, mode, alpha, inputs
-):
-    from cosmic_bake.api import bake as bake_model
+def _show_gguf(s: BakeSettings, bake: dict) -> None:
     from cosmic_bake.bake.gguf import manifest_path
     from cosmic_bake.verify.tolerances import gguf_class
 
-    bake = bake_model(
-        model,
-        run_dir,
-        out,
-        format="gguf",
-        outtype=outtype and outtype.lower(),
-        edited_type=edited_type.lower(),
-        edited_type_always=always,
-        embeddings=embeddings,
-        force=force,
-        allow_mismatch=allow_mismatch,
-        mode=mode,
-        alpha=alpha,
-        inputs=inputs,
-    )
-    click.echo(f"baked {model} -> {out} ({bake['route']}, {bake.get('architecture', '')})")
+    click.echo(f"baked {s.model} -> {s.output} ({bake['route']}, {bake.get('architecture', '')})")
     rows = [("tensors", ", ".join(f"{n} {k}" for k, n in sorted(bake["edits"].items())))]
     if "types" in bake:
         kinds = Counter(bake["types"].values())
@@ -182,18 +65,13 @@ def _bake_gguf(
     else:
         rows.append(("outtype", bake["outtype"]))
     size = bake["bytes_written"]
+    source = f" (source {bake['source_bytes'] / 2**20:.1f} MiB)" if "source_bytes" in bake else ""
     rows += [
-        (
-            "size",
-            f"{size / 2**20:.1f} MiB"
-            + (f" (source {bake['source_bytes'] / 2**20:.1f} MiB)" if "source_bytes" in bake else ""),
-        ),
+        ("size", f"{size / 2**20:.1f} MiB{source}"),
         ("seconds", f"{bake['seconds']:.1f}"),
-        ("written", f"{out} (+ {manifest_path(out).name})"),
+        ("written", f"{s.output} (+ {manifest_path(s.output).name})"),
     ]
     echo_table(rows)
-    for warning in bake.get("warnings", []):
-        click.echo(f"warning: {warning}", err=True)
     low = [n for n, t in bake.get("types", {}).items() if gguf_class(t.split(" -> ")[1]) in ("5-bit", "4-bit", "lower")]
     if low:
         click.echo(

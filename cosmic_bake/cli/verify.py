@@ -3,61 +3,38 @@
 from __future__ import annotations
 
 import sys
-from pathlib import Path
 
 import click
 
-from cosmic_bake.cli.options import cli_inputs, echo_table, num_text, system_prompt_option
+from cosmic_bake.cli.options import cli_session, command_options, echo_table, num_text
+from cosmic_bake.settings import VerifySettings
+
+HOOKS = {"ablate": "removal", "add": "addition", "affine": "pinned affine", "scale": "midpoint scaling"}
 
 
 @click.command("verify")
-@click.argument("original")
-@click.argument("baked")
-@click.option("--direction", "run_dir", required=True, type=click.Path(path_type=Path), help="RUN_DIR used for baking.")
-@click.option("--prompts", "prompts_file", default=None, help="Prompt file or dataset (default: 16+16 built-ins).")
-@click.option("--column", default=None, help="Column holding the prompt in csv/parquet/json sets.")
-@click.option("--limit", default=None, type=click.IntRange(1), help="Use at most N prompts (per built-in set).")
-@click.option("-o", "--output", "out", default=None, type=click.Path(path_type=Path), help="JSON report to write.")
-@click.option("--force", is_flag=True, help="Replace an earlier cosmic-bake report at -o.")
-@click.option("--chat-template", default=None, help="Jinja template or format string with {instruction}.")
-@system_prompt_option
-@click.option("--dtype", default="float32", show_default=True, type=click.Choice(["float32", "bfloat16", "float16"]))
-@click.option("--batch-size", default=8, show_default=True, type=click.IntRange(1, 4096))
-def verify_cmd(
-    original, baked, run_dir, prompts_file, column, limit, out, force, chat_template, system_prompt, dtype, batch_size
-) -> None:
+@command_options(VerifySettings)
+def verify_cmd(**params) -> None:
     """Compare BAKED with ORIGINAL + the hook it equals, the unedited model and the weights; exit 1 on a failed gate."""
     from cosmic_bake.api import verify
-    from cosmic_bake.artifacts import Direction, baked_settings
-    from cosmic_bake.model.loading import model_inputs
-    from cosmic_bake.outputs import check_target, write_report
 
-    inputs = [*model_inputs(original), *model_inputs(baked), *cli_inputs(run_dir, prompts_file, chat_template)]
-    if out is not None:
-        check_target(out, force=force, inputs=inputs, kind="json")
-    report = verify(
-        original,
-        baked,
-        run_dir,
-        prompts=prompts_file,
-        column=column,
-        limit=limit,
-        chat_template=chat_template,
-        system_prompt=system_prompt,
-        dtype=dtype,
-        batch_size=batch_size,
-    )
-    direction = Direction.load(run_dir)
-    settings = baked_settings(baked)
-    if settings is not None:
-        direction = direction.with_mode(*settings)
+    s = VerifySettings.build(**params)
+    report = verify(s, session=cli_session())
+    show(s, report)
+    if not report.passed:
+        sys.exit(1)
+
+
+def show(s: VerifySettings, report) -> None:
+    """The gates of a :class:`~cosmic_bake.verify.logits.VerifyReport`, its weight table and FAIL reasons."""
+    from cosmic_bake.api import baked_direction
+
+    direction = baked_direction(s.direction, s.baked)
     runtime = f"{report.runtime}, {report.weight_type or report.dtype}"
     if report.stored_dtype:
         runtime += f", stored as {report.stored_dtype}"
-    hook = {"ablate": "removal", "add": "addition", "affine": "pinned affine", "scale": "midpoint scaling"}[
-        direction.mode
-    ]
-    click.echo(f"verify {baked} ({runtime}) against {original} + {hook} hook ({report.n_prompts} prompts)")
+    hook = HOOKS[direction.mode]
+    click.echo(f"verify {s.baked} ({runtime}) against {s.original} + {hook} hook ({report.n_prompts} prompts)")
     gate = {"max_kl": "max KL", "mean_kl": "mean KL"}[report.gate]
     rows = [
         ("positions", str(report.n_positions)),
@@ -98,9 +75,5 @@ def verify_cmd(
         click.echo(
             "hint: coarse types round part of the edit away; bake with --edited-type-always or a finer --outtype"
         )
-    if out is not None:
-        data = {"original": original, "baked": baked, "direction": str(run_dir), **report.to_dict()}
-        write_report(out, data, force=force, inputs=inputs)
-        click.echo(f"  written            {out}")
-    if not report.passed:
-        sys.exit(1)
+    if s.output is not None:
+        click.echo(f"  written            {s.output}")

@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import json
 import re
-from pathlib import Path
 from typing import TYPE_CHECKING
 
 from cosmic_bake import __version__
+from cosmic_bake.export.lineage import HUB_URL, RELATIONS, Lineage, edit_phrase
 
 if TYPE_CHECKING:
     from cosmic_bake.artifacts import Direction
@@ -14,15 +15,54 @@ if TYPE_CHECKING:
     from cosmic_bake.bake.plan import BakePlan
 
 CARD_FILE = "README.md"
-_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+TAGS = ("cosmic-bake", "refusal-direction", "abliterated")
 
 
-def base_model_id(source, config: dict, direction: Direction) -> str | None:
-    """A Hub id for the card's ``base_model``, when one is known."""
-    for candidate in (getattr(source, "hub_id", None), direction.model_id, config.get("_name_or_path")):
-        if candidate and _HUB_ID.match(str(candidate)) and not Path(str(candidate)).exists():
-            return str(candidate)
-    return None
+def _yaml_scalar(value: str) -> str:
+    """A YAML scalar for ``value``: plain when it is a simple token, else JSON-quoted (valid YAML)."""
+    return value if re.fullmatch(r"[A-Za-z0-9][\w./+-]*", value) else json.dumps(value)
+
+
+def front_matter(lin: Lineage, output: str, library: str | None, tags: tuple[str, ...]) -> list[str]:
+    """The Hub metadata block: base model and relation (see :mod:`~cosmic_bake.export.lineage`), license, tags."""
+    lines = ["---"]
+    if lin.base_model:
+        lines += [f"base_model: {_yaml_scalar(lin.base_model)}", f"base_model_relation: {RELATIONS[output]}"]
+    if lin.license:
+        lines.append(f"license: {_yaml_scalar(lin.license)}")
+    if library:
+        lines.append(f"library_name: {library}")
+    lines += ["pipeline_tag: text-generation", "tags:", *[f"- {t}" for t in tags], "---"]
+    return lines
+
+
+def source_line(lin: Lineage) -> str:
+    """ "Made with ... from ..." naming the source portably (Hub link when known, else its file name)."""
+    text = f"Made with cosmic-bake {__version__} from `{lin.label}`"
+    if lin.base_model and lin.base_model != lin.label:
+        text += f" (base model [{lin.base_model}]({HUB_URL}{lin.base_model}))"
+    elif lin.base_model:
+        text = f"Made with cosmic-bake {__version__} from [{lin.base_model}]({HUB_URL}{lin.base_model})"
+    return text + "."
+
+
+def describe_edits(counts: dict[str, int], n_embeddings: int) -> str:
+    """The tensors a bake changed, in words ("48 weight matrices and 1 embedding, of 290 tensors")."""
+    matrices = sum(counts.get(k, 0) for k in ("rows", "expert_rows", "cols", "expert_cols")) - n_embeddings
+    parts = [
+        _count(matrices, "weight matrix", "weight matrices"),
+        _count(counts.get("bias", 0), "bias", "biases"),
+        _count(n_embeddings, "embedding", "embeddings"),
+        _count(counts.get("zeros", 0), "new bias (holding the constant)", "new biases (holding the constant)"),
+    ]
+    parts = [p for p in parts if p]
+    total = sum(counts.values())
+    listed = ", ".join(parts[:-1]) + (" and " if len(parts) > 1 else "") + parts[-1] if parts else "none"
+    return f"{listed}, of {total} tensors (the others are copied unchanged)"
+
+
+def _count(n: int, one: str, many: str) -> str:
+    return "" if n <= 0 else f"{n} {one if n == 1 else many}"
 
 
 def _describe(report: BakeReport) -> tuple[str, str]:
@@ -59,13 +99,9 @@ def _describe(report: BakeReport) -> tuple[str, str]:
     )
 
 
-def model_card(report: BakeReport, plan: BakePlan, source_name: str, base_model: str | None) -> str:
-    """README.md with Hub front matter and a plain account of the edit."""
-    front = ["---"]
-    if base_model:
-        front.append(f"base_model: {base_model}")
-    front += ["library_name: transformers", "tags:", "- cosmic-bake", "- refusal-direction", "- abliterated", "---"]
-    counts = ", ".join(f"{n} {k}" for k, n in sorted(report.edits.items()) if k != "copy")
+def model_card(report: BakeReport, plan: BakePlan, lin: Lineage) -> str:
+    """README.md with Hub front matter and a plain account of the edit (names only portable ones)."""
+    front = front_matter(lin, "hf", "transformers", TAGS)
     post = sorted(plan.gains)
     if plan.embeddings == "skip":
         emb = "left unchanged (`--embeddings skip`)"
@@ -78,22 +114,21 @@ def model_card(report: BakeReport, plan: BakePlan, source_name: str, base_model:
         emb = f"rows projected ({', '.join(report.embeddings_edited)})"
     title, what = _describe(report)
     body = [
-        f"# {Path(source_name).name} {title}",
+        f"# {lin.display} {title}",
         "",
-        f"Made with cosmic-bake {__version__} from `{source_name}`"
-        + (f" (base model `{base_model}`)." if base_model else "."),
+        source_line(lin),
         "",
         what,
         "",
         "| | |",
         "| --- | --- |",
-        f"| direction SHA-256 (float64) | `{report.direction_digest}` |",
+        f"| edit | {edit_phrase(report.mode, report.alpha)} (mode `{report.mode}`, selector `{report.selector}`) |",
         f"| chosen layer / position | {report.layer} / {report.position} |",
-        f"| mode / selector | {report.mode} / {report.selector} |",
+        f"| direction SHA-256 (float64) | `{report.direction_digest}` |",
         *([f"| alpha / constant | {report.alpha:g} / {report.constant} |"] if report.mode != "ablate" else []),
         f"| model | {report.model_type}, {report.n_layers} layers, hidden size {report.d_model} |",
         f"| residual writers edited | {len(report.writers)} modules |",
-        f"| tensors edited | {counts} |",
+        f"| tensors changed | {describe_edits(report.edits, len(report.embeddings_edited))} |",
         f"| embeddings | {emb} |",
         *([f"| post-writer norms | {len(post)} (their writers use unit(g * r)) |"] if post else []),
         "",
@@ -109,6 +144,34 @@ def model_card(report: BakeReport, plan: BakePlan, source_name: str, base_model:
     if report.warnings:
         body += ["", "**Warnings:**", *[f"- {w}" for w in report.warnings]]
     return "\n".join([*front, "", *body]) + "\n"
+
+
+def gguf_card(manifest: dict, file_name: str) -> str:
+    """README.md for a baked GGUF pushed on its own, from its sidecar manifest (written at bake time)."""
+    lin = Lineage(**{k: v for k, v in (manifest.get("lineage") or {}).items() if k in Lineage.__dataclass_fields__})
+    d, bake = manifest.get("direction") or {}, manifest.get("bake") or {}
+    mode, alpha = str(d.get("mode", "ablate")), float(d.get("alpha") or 0.0)
+    types = bake.get("outtype") or "the source's tensor types, edited tensors re-quantized"
+    body = [
+        f"# {lin.display} ({edit_phrase(mode, alpha)}), GGUF",
+        "",
+        source_line(lin),
+        "",
+        "| | |",
+        "| --- | --- |",
+        f"| file | `{file_name}` ({bake.get('route', 'gguf')}: {types}) |",
+        f"| edit | {edit_phrase(mode, alpha)} (mode `{mode}`, selector `{d.get('selector', 'cosmic')}`) |",
+        f"| chosen layer / position | {d.get('layer')} / {d.get('position')} |",
+        f"| direction SHA-256 (float64) | `{d.get('sha256_float64', '')}` |",
+        "",
+        f"llama.cpp: `llama-cli -m {file_name}`. Check it against the original with "
+        f"`cosmic-bake verify ORIGINAL {file_name} --direction RUN_DIR`. Hashes and settings are in "
+        f"`{file_name}.manifest.json`.",
+    ]
+    warnings = bake.get("warnings") or []
+    if warnings:
+        body += ["", "**Warnings:**", *[f"- {w}" for w in warnings]]
+    return "\n".join([*front_matter(lin, "gguf", None, (*TAGS, "gguf")), "", *body]) + "\n"
 
 
 def results_section(rows: list[dict]) -> str:
@@ -147,29 +210,21 @@ def card_with_results(card: str, rows: list[dict]) -> str:
     return head + "\n\n" + results_section(rows)
 
 
-def lora_card(base_model: str, direction: Direction, n_modules: int, with_gguf: bool) -> str:
+def lora_card(lin: Lineage, direction: Direction, n_modules: int, with_gguf: bool) -> str:
     """README.md for a LoRA export: what the adapter does and how to apply it in each runtime."""
-    hub = base_model if _HUB_ID.match(base_model) and not Path(base_model).exists() else None
-    front = [
-        "---",
-        *([f"base_model: {hub}"] if hub else []),
-        "library_name: peft",
-        "tags:",
-        "- cosmic-bake",
-        "- refusal-direction",
-        "- lora",
-        "---",
-    ]
+    front = front_matter(lin, "lora", "peft", ("cosmic-bake", "refusal-direction", "lora"))
+    base = lin.base_model or lin.label
     body = [
-        f"# Refusal-direction removal for `{base_model}` as a LoRA adapter",
+        f"# Refusal-direction removal for {lin.display} as a LoRA adapter",
         "",
-        f"Made with cosmic-bake {__version__}. Every residual writer (attention output and MLP down "
-        "projection) and the token embedding get a rank-1 update `W + B A` with `B = -r` and "
-        "`A = r^T W` (alpha = rank = 1), which removes a refusal direction `r` found with COSMIC "
-        f"(layer {direction.layer}, position {direction.position}, direction SHA-256 "
-        f"`{direction.digest[:16]}`): {n_modules} modules.",
+        source_line(lin),
         "",
-        "transformers: `PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(BASE), THIS_FOLDER)`, "
+        "Every residual writer (attention output and MLP down projection) and the token embedding get a "
+        "rank-1 update `W + B A` with `B = -r` and `A = r^T W` (alpha = rank = 1), which removes a refusal "
+        f"direction `r` found with COSMIC (layer {direction.layer}, position {direction.position}, direction "
+        f"SHA-256 `{direction.digest[:16]}`): {n_modules} modules.",
+        "",
+        f'transformers: `PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained("{base}"), THIS_FOLDER)`, '
         "with peft >= 0.18 (older releases leave the embedding update unscaled on Gemma models).",
     ]
     if with_gguf:

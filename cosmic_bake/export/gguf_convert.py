@@ -128,11 +128,14 @@ def convert_folder(
     outtype: str = "f32",
     *,
     metadata: Mapping[str, str | int | float] | None = None,
+    name: str | None = None,
 ) -> ConvertReport:
     """Convert the HF model ``folder`` to the GGUF file ``out_file`` (float ``outtype``).
 
     ``metadata`` entries are added verbatim as extra GGUF keys (provenance such as the baked
-    direction's hash), so a GGUF can be traced back to the run that made it. ``out_file`` is
+    direction's hash), so a GGUF can be traced back to the run that made it. ``name`` is its
+    ``general.name`` (default: the folder's name; a bake passes the source's name and the edit,
+    since the folder is a temporary one). ``out_file`` is
     replaced atomically: written to a temporary file in its directory and renamed, and the
     temporary file is removed on any failure, so a crash never leaves a half-written model that
     llama.cpp would load. Refusing to overwrite an existing file is the caller's job.
@@ -147,7 +150,7 @@ def convert_folder(
     hp = read_hparams(folder, warnings)
     listing = list_weights(folder)
     planned = plan_tensors(hp, listing, OUTTYPES[outtype])
-    vocab = read_vocab(folder, n_rows=_embedding_rows(planned), warnings=warnings)
+    vocab = read_vocab(folder, n_rows=_embedding_rows(planned), warnings=warnings, name=name)
 
     writer = gguf.GGUFWriter(path=None, arch=hp.arch)
     add_model_keys(writer, hp, vocab.name, outtype, _embedding_rows(planned))

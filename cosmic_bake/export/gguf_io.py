@@ -19,6 +19,7 @@ from gguf import GGUF_DEFAULT_ALIGNMENT, GGMLQuantizationType, GGUFReader, GGUFV
 from cosmic_bake.errors import CosmicBakeError, first_line
 
 _SKIPPED_KEYS = ("GGUF.", "general.architecture", "general.alignment")
+_BASE_MODEL_KEYS = "general.base_model."
 
 
 def check_magic(path: Path) -> Path:
@@ -91,9 +92,14 @@ def copied(tensor) -> OutTensor:
 
 
 def _copy_metadata(reader: GGUFReader, writer: GGUFWriter, replaced: set[str]) -> None:
-    """Copy the source's keys (except the ``replaced`` ones, e.g. provenance of an earlier bake)."""
+    """Copy the source's keys (except the ``replaced`` ones, e.g. provenance of an earlier bake).
+
+    When the new keys name a base model (``general.base_model.*``), all of the source's are
+    dropped: they describe the source's own base, and a left-over ``.1.*`` would dangle.
+    """
+    rebased = any(k.startswith(_BASE_MODEL_KEYS) for k in replaced)
     for key, field in reader.fields.items():
-        if key.startswith(_SKIPPED_KEYS) or key in replaced:
+        if key.startswith(_SKIPPED_KEYS) or key in replaced or (rebased and key.startswith(_BASE_MODEL_KEYS)):
             continue
         vtype = GGUFValueType(field.types[0])
         sub = GGUFValueType(field.types[-1]) if vtype == GGUFValueType.ARRAY else None
@@ -109,6 +115,8 @@ def add_metadata(writer: GGUFWriter, metadata: Mapping[str, str | int | float | 
             raise CosmicBakeError(f"GGUF metadata key {key!r} is already set in this file", "use another name")
         if isinstance(value, bool):
             writer.add_bool(key, value)
+        elif isinstance(value, np.uint32):  # gguf-py's type for counts (general.base_model.count)
+            writer.add_uint32(key, int(value))
         elif isinstance(value, int):
             writer.add_int64(key, value)
         elif isinstance(value, float):

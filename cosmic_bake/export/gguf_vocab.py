@@ -75,8 +75,11 @@ def _quiet_gguf() -> Iterator[None]:
         logger.setLevel(level)
 
 
-def read_vocab(folder: Path, *, n_rows: int, warnings: list[str]) -> Vocab:
-    """Tokens in id order with their types, the pre-tokenizer name, and the special-token side files."""
+def read_vocab(folder: Path, *, n_rows: int, warnings: list[str], name: str | None = None) -> Vocab:
+    """Tokens in id order with their types, the pre-tokenizer name, and the special-token side files.
+
+    ``name`` is the model's ``general.name`` (default: the folder's name), adjusted by :func:`_model_name`.
+    """
     path = folder / "tokenizer.json"
     if not path.is_file():
         kind = "a SentencePiece tokenizer.model" if (folder / "tokenizer.model").is_file() else "no tokenizer.json"
@@ -133,7 +136,7 @@ def read_vocab(folder: Path, *, n_rows: int, warnings: list[str]) -> Vocab:
         raise CosmicBakeError(f"{path.name} has no BPE merges", "re-download the tokenizer")
     if special.chat_template is None:
         warnings.append("the model has no chat template; llama.cpp chat front ends will fall back to their own")
-    name = _model_name(folder, spec.get("added_tokens") or [], warnings)
+    name = _model_name(name or folder.resolve().name, spec.get("added_tokens") or [], warnings)
     return Vocab(tokens, types, pre, special, name)
 
 
@@ -141,15 +144,14 @@ _PHI3_NAME = re.compile(r"(phi)-?(3)", re.IGNORECASE)
 _PHI3_KEEP = {"<unk>", "<s>", "<|endoftext|>"}  # the special tokens llama.cpp's Phi-3 rule leaves unstripped
 
 
-def _model_name(folder: Path, added: list[Mapping[str, Any]], warnings: list[str]) -> str:
-    """``general.name``: the folder name, adjusted so llama.cpp strips whitespace exactly where HF does.
+def _model_name(name: str, added: list[Mapping[str, Any]], warnings: list[str]) -> str:
+    """``general.name``: ``name``, adjusted so llama.cpp strips whitespace exactly where HF does.
 
     llama.cpp (llama-vocab.cpp) gives every special token of a model whose *name* contains "phi3" or
     "phi-3" the rstrip attribute (whitespace after it is dropped), as Phi-3's tokenizer.json declares;
     no GGUF key says so. The name must therefore contain that string exactly when tokenizer.json's
     rstrip flags follow that rule, or llama.cpp tokenizes chat text differently from transformers.
     """
-    name = folder.resolve().name
     specials = [t for t in added if t.get("special")]
     phi3_rule = any(t.get("rstrip") for t in specials) and all(
         bool(t.get("rstrip")) == (t.get("content") not in _PHI3_KEEP) for t in specials

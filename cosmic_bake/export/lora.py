@@ -168,14 +168,36 @@ def write_gguf_adapter(factors: list[LoraFactor], path: Path, arch_name: str, me
     writer.close()
 
 
-def write_lora_folder(lm, arch: Architecture, d, out: Path, *, src: dict, gguf: bool, force: bool, inputs=()) -> dict:
-    """Write the folder ``api.export_lora`` describes (``lm``: the loaded base, ``d``: a checked ablate direction)."""
+def write_lora_folder(
+    lm,
+    arch: Architecture,
+    d,
+    out: Path,
+    *,
+    src: dict,
+    gguf: bool,
+    force: bool,
+    inputs=(),
+    base_model: str | None = None,
+    record_paths: bool = False,
+    settings: dict | None = None,
+) -> dict:
+    """Write the folder ``api.export_lora`` describes (``lm``: the loaded base, ``d``: a checked ablate direction).
+
+    ``adapter_config.json``'s ``base_model_name_or_path`` is the base's Hub id when known
+    (``base_model``, a Hub source, a GGUF's keys), else its file name; the spec as typed only
+    with ``record_paths`` (PEFT loads the base from it, and the folder is meant to be uploaded).
+    ``settings`` (the bake command's, serialised) goes into the manifest.
+    """
     from cosmic_bake.export.card import lora_card
+    from cosmic_bake.export.lineage import lineage
     from cosmic_bake.outputs import atomic_dir, manifest
 
     with torch.no_grad():
         factors = removal_factors(arch, d.direction)
-    base_model = lm.source.hub_id or lm.source.spec
+    folder = lm.source.path if lm.source.kind == "folder" else None
+    lin = lineage(lm.source, base_model=base_model, folder=folder, model_id=d.model_id)
+    base_name = lm.source.spec if record_paths else (lin.base_model or lin.label)
     written: dict[str, int] = {}
     warnings = []
     if gguf and arch.tied:
@@ -187,7 +209,7 @@ def write_lora_folder(lm, arch: Architecture, d, out: Path, *, src: dict, gguf: 
             "LoRA cannot edit separately; bake a GGUF instead (--format gguf)"
         )
     with atomic_dir(out, force=force, inputs=inputs) as tmp:
-        write_peft(factors, tmp, base_model)
+        write_peft(factors, tmp, base_name)
         if gguf:
             gguf_arch = gguf_architecture(lm.source, arch.model_type)
             write_gguf_adapter(
@@ -196,9 +218,10 @@ def write_lora_folder(lm, arch: Architecture, d, out: Path, *, src: dict, gguf: 
                 gguf_arch,
                 {"cosmic_bake.direction_sha256": d.digest, "cosmic_bake.layer": d.layer, "cosmic_bake.mode": "ablate"},
             )
-        (tmp / "README.md").write_text(lora_card(base_model, d, len(factors), gguf), encoding="utf-8")
+        (tmp / "README.md").write_text(lora_card(lin, d, len(factors), gguf), encoding="utf-8")
         written = {p.name: p.stat().st_size for p in tmp.iterdir()}
-        manifest(tmp, stage="bake-lora", source=src, extra={"direction": d.record(), "modules": len(factors)})
+        extra = {"direction": d.record(), "modules": len(factors), "lineage": lin.record(), "settings": settings}
+        manifest(tmp, stage="bake-lora", source=src, extra=extra, record_paths=record_paths)
     return {"out": str(out), "modules": len(factors), "bytes": written, "tied": arch.tied, "warnings": warnings}
 
 

@@ -289,14 +289,17 @@ def source_folder(spec: str):
 
 
 def _hub_snapshot(source) -> Path:
-    """Download (or find in the Hub cache) the files baking needs: safetensors, configs, tokenizer."""
+    """Download (or find in the Hub cache) the files baking needs: safetensors, configs, tokenizer, card.
+
+    The card (README.md) is read for the license the baked model's card carries over; it is not copied.
+    """
     from huggingface_hub import snapshot_download
 
     try:
         path = snapshot_download(
             source.hub_id,
             revision=source.revision,
-            allow_patterns=["*.safetensors", "*.json", "*.jinja", "*.txt", "*.model", "*.tiktoken"],
+            allow_patterns=["*.safetensors", "*.json", "*.jinja", "*.txt", "*.model", "*.tiktoken", "README.md"],
         )
     except Exception as err:  # noqa: BLE001 - network / auth / missing repo become one line
         raise CosmicBakeError(

@@ -1,9 +1,11 @@
 """Recipes: one TOML file that says how to select, bake, export, verify and evaluate a model.
 
 A recipe names the model and, per step, the options of that step's command, spelled as on the
-command line without the dashes (``limit_val = 16`` is ``--limit-val 16``). So every option a
-command has can be set in a recipe, and nothing has two names. ``cosmic-bake run`` merges three
-layers, later ones winning: the command's defaults, the recipe, and ``--set step.key=value``
+command line without the dashes (``limit_val = 16`` is ``--limit-val 16``): the fields of the
+command's settings class (:mod:`cosmic_bake.settings`). So every option a command has can be set
+in a recipe, values are checked as the command line checks them, and nothing has two names.
+``cosmic-bake run`` merges three layers, later ones winning: the command's defaults, the recipe,
+and ``--set step.key=value``
 overrides on its command line (heretic's layered config, in TOML).
 
     model = "builtin:smollm2-135m-instruct"
@@ -34,13 +36,12 @@ from __future__ import annotations
 import hashlib
 import json
 import tomllib
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-import click
-
 from cosmic_bake.errors import CosmicBakeError
+from cosmic_bake.settings.base import Settings
 
 STEPS = ("select", "bake", "verify", "eval")
 RUN_KEYS = {  # keys a step section may hold that are the run's, not the command's
@@ -48,7 +49,7 @@ RUN_KEYS = {  # keys a step section may hold that are the run's, not the command
     "eval": {"baseline", "targets"},
     "verify": {"targets"},
 }
-MANAGED = {"output", "out", "direction", "run_dir", "force", "kl_against"}
+MANAGED = {"output", "direction", "force", "kl_against", "model", "original", "baked"}
 TOP_KEYS = {"model", "goal", "description", "output", "common", *STEPS}
 FORMATS = ("hf", "gguf")
 
@@ -132,42 +133,41 @@ def load_recipe(path: str | Path, overrides: list[str] = ()) -> Recipe:
     )
 
 
-def _option_table(command: click.Command) -> dict[str, click.Option]:
-    """Option key (``limit_val``) -> click option, for every ``--long`` option of ``command``."""
-    table = {}
-    for p in command.params:
-        if isinstance(p, click.Option):
-            for opt in p.opts:
-                if opt.startswith("--"):
-                    table[_key(opt)] = p
-    return table
+def step_settings(
+    recipe: Recipe, step: str, cls: type[Settings], managed: dict[str, Any], defaults: dict[str, Any] | None = None
+) -> Settings:
+    """The settings of one step: ``[common]`` keys ``cls`` has, then ``defaults``, then ``[step]``, then ``managed``.
 
-
-def command_args(step: str, command: click.Command, options: dict[str, Any], common: dict[str, Any]) -> list[str]:
-    """Turn a step's recipe options (plus the common ones it accepts) into the command's argv."""
-    table = _option_table(command)
-    args: list[str] = []
-    merged = {k: v for k, v in common.items() if k in table}
-    for k, v in options.items():
+    ``managed`` are the values the run sets itself (paths inside the run folder, ``force``); a
+    recipe that sets one of them, or an option the command does not have, gets a one-line error
+    naming the section.
+    """
+    names = {f.name for f in fields(cls)}
+    merged = {k: v for k, v in recipe.common.items() if k in names and k not in managed}
+    merged.update(defaults or {})
+    for k, v in recipe.steps.get(step, {}).items():
         if k in RUN_KEYS.get(step, set()):
             continue
-        if k in MANAGED:
+        if k in MANAGED or k in managed:
             raise CosmicBakeError(f"recipe [{step}] sets '{k}', which the run manages", f"remove '{k}' from [{step}]")
-        if k not in table:
-            known = ", ".join(sorted(set(table) - MANAGED))
-            raise CosmicBakeError(f"recipe [{step}] has no option '{k}'", f"options of {command.name}: {known}")
+        if k not in names:
+            known = ", ".join(sorted(names - MANAGED - set(managed)))
+            raise CosmicBakeError(f"recipe [{step}] has no option '{k}'", f"options of {cls.command}: {known}")
         merged[k] = v
-    for k, v in merged.items():
-        opt = table[k]
-        flag = next(o for o in opt.opts if o.startswith("--"))
-        if opt.is_flag:
-            if v:
-                args.append(flag)
-        elif isinstance(v, list):
-            args += [flag, ",".join(str(x) for x in v)]
-        elif v is not None:
-            args += [flag, str(v)]
-    return args
+    try:
+        return cls.build(**merged, **managed)
+    except CosmicBakeError as err:
+        raise CosmicBakeError(f"recipe [{step}]: {err.problem}", err.fix) from None
+
+
+def check_common(recipe: Recipe, classes: list[type[Settings]]) -> None:
+    """A ``[common]`` key must be an option of at least one step (a typo would otherwise do nothing)."""
+    names = {f.name for cls in classes for f in fields(cls)} - MANAGED
+    for k in recipe.common:
+        if k not in names:
+            raise CosmicBakeError(
+                f"recipe [common] has no option '{k}'", f"options of the steps: {', '.join(sorted(names))}"
+            )
 
 
 def stamp(inputs: dict) -> str:

@@ -1,7 +1,9 @@
 """``cosmic-bake run RECIPE.toml``: select -> bake -> export -> verify -> eval in one resumable go.
 
-Each step is the same command a user would type (so a recipe can set any of its options), run
-in-process with its outputs inside one run folder:
+Each step is the API call of the command a user would type (so a recipe can set any of its
+options, checked by the command's settings class), run in-process with one :class:`Session`, so
+the recipe's model is loaded once for select, verify and the evaluations; its outputs sit inside
+one run folder:
 
     OUT/direction/            select's run folder (direction, scores, plots)
     OUT/model/                the Hub-ready transformers folder (format hf)
@@ -10,7 +12,7 @@ in-process with its outputs inside one run folder:
     OUT/card.md               the model card with the verify and eval figures added
     OUT/summary.md / .json    the final table; OUT/manifest.json lists everything with hashes
 
-A step whose stamp (its arguments, the model's identity, the stamps of the steps it reads, the
+A step whose stamp (its settings, the model's identity, the stamps of the steps it reads, the
 tool version) matches the one recorded after its last success, and whose outputs still exist, is
 reused instead of run again; a changed recipe reruns that step and everything after it.
 """
@@ -18,32 +20,36 @@ reused instead of run again; a changed recipe reruns that step and everything af
 from __future__ import annotations
 
 import json
+import shlex
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import click
 
 from cosmic_bake import __version__
 from cosmic_bake.errors import CosmicBakeError
+from cosmic_bake.model.session import Session
 from cosmic_bake.outputs import read_json
-from cosmic_bake.recipe.file import Recipe, command_args, model_identity, stamp
+from cosmic_bake.recipe.file import Recipe, check_common, load_recipe, model_identity, stamp, step_settings
+from cosmic_bake.settings import RunSettings, Settings
+from cosmic_bake.sharing import portable_name
 
 STAMPS = ".stamps"
-INPUT_OPTIONS = ("harmful", "harmless", "harmful_val", "harmless_val", "prompts", "chat_template", "system_prompt")
 
 
 @dataclass
 class Step:
-    """One command of the run: its name, argv, outputs and the steps whose outputs it reads."""
+    """One command of the run: its settings, outputs and the steps whose outputs it reads."""
 
     name: str
     command: str
-    args: list[str]
+    settings: Settings
     outputs: list[Path]
     after: list[str] = field(default_factory=list)
-    may_fail: bool = False  # verify exits 1 on a FAIL: record it, go on, fail the run at the end
+    may_fail: bool = False  # a verify FAIL: record it, go on, fail the run at the end
 
 
 @dataclass
@@ -58,113 +64,111 @@ def _gguf_name(outtype: str) -> str:
     return f"model-{outtype.lower()}.gguf"
 
 
-def plan_steps(recipe: Recipe, out: Path, commands: dict[str, click.Command]) -> list[Step]:
-    """The ordered steps of a recipe, each with the argv of its command."""
-    m, common = recipe.model, recipe.common
+def plan_steps(recipe: Recipe, out: Path, record_paths: bool = False) -> list[Step]:
+    """The ordered steps of a recipe, each with its settings built (and so validated) before anything runs.
 
-    def args(step: str) -> list[str]:
-        return command_args(step, commands[step], recipe.steps.get(step, {}), common)
+    ``record_paths`` (``run --record-paths``) lets every step's manifest and report name local paths.
+    """
+    from cosmic_bake.settings import BakeSettings, EvalSettings, SelectSettings, VerifySettings
 
-    direction = out / "direction"
-    steps = [
-        Step("select", "select", [m, "-o", str(direction), *args("select")], [direction / "direction.safetensors"])
-    ]
+    check_common(recipe, [SelectSettings, BakeSettings, VerifySettings, EvalSettings])
+    paths = {"record_paths": True} if record_paths else {}
+
+    def settings_of(step: str, cls, managed: dict, defaults: dict | None = None) -> Settings:
+        return step_settings(recipe, step, cls, managed, {**(defaults or {}), **paths})
+
+    m, direction = recipe.model, out / "direction"
+    select = settings_of("select", SelectSettings, {"model": m, "output": direction})
+    steps = [Step("select", "select", select, [direction / "direction.safetensors"])]
     exports: dict[str, Path] = {}
-    bake_args = args("bake")
+    bake = {"model": m, "direction": direction}
     if "hf" in recipe.formats:
         exports["hf"] = out / "model"
-        steps.append(
-            Step(
-                "bake-hf",
-                "bake",
-                [m, "--direction", str(direction), "-o", str(exports["hf"]), *bake_args],
-                [exports["hf"] / "manifest.json"],
-                ["select"],
-            )
-        )
+        settings = settings_of("bake", BakeSettings, {**bake, "format": "hf", "output": exports["hf"]})
+        steps.append(Step("bake-hf", "bake", settings, [exports["hf"] / "manifest.json"], ["select"]))
     if "gguf" in recipe.formats:
         for outtype in recipe.run_option("bake", "gguf_outtypes", ["source"]):
             path = out / "gguf" / _gguf_name(outtype)
-            extra = [] if outtype == "source" else ["--outtype", outtype]
-            steps.append(
-                Step(
-                    f"bake-gguf-{outtype}",
-                    "bake",
-                    [m, "--direction", str(direction), "--format", "gguf", "-o", str(path), *extra, *bake_args],
-                    [path],
-                    ["select"],
-                )
-            )
+            managed = {**bake, "format": "gguf", "output": path, "outtype": None if outtype == "source" else outtype}
+            settings = settings_of("bake", BakeSettings, managed)
+            steps.append(Step(f"bake-gguf-{outtype}", "bake", settings, [path], ["select"]))
             exports[f"gguf-{outtype}"] = path
     reports = out / "reports"
-    verify_targets = recipe.run_option("verify", "targets", list(exports))
-    for name in verify_targets:
+    for name in recipe.run_option("verify", "targets", list(exports)):
         if name not in exports:
             raise CosmicBakeError(
                 f"recipe verify.targets names '{name}', which is not exported", f"use {list(exports)}"
             )
         report = reports / f"verify-{name}.json"
-        steps.append(
-            Step(
-                f"verify-{name}",
-                "verify",
-                [m, str(exports[name]), "--direction", str(direction), "-o", str(report), *args("verify")],
-                [report],
-                ["select", _bake_step(name)],
-                may_fail=True,
-            )
-        )
-    eval_args = args("eval")
+        managed = {"original": m, "baked": str(exports[name]), "direction": direction, "output": report}
+        settings = settings_of("verify", VerifySettings, managed)
+        steps.append(Step(f"verify-{name}", "verify", settings, [report], ["select", _bake_step(name)], may_fail=True))
     if recipe.run_option("eval", "baseline", True):
         report = reports / "eval-unedited.json"
-        steps.append(Step("eval-unedited", "eval", [m, "-o", str(report), "--force", *eval_args], [report]))
+        settings = settings_of("eval", EvalSettings, {"model": m, "output": report, "force": True})
+        steps.append(Step("eval-unedited", "eval", settings, [report]))
     for name in recipe.run_option("eval", "targets", list(exports)):
         if name not in exports:
             raise CosmicBakeError(f"recipe eval.targets names '{name}', which is not exported", f"use {list(exports)}")
         report = reports / f"eval-{name}.json"
         # KL against the source in the same runtime as the export (a transformers folder would
         # otherwise be compared with llama.cpp's logits of a GGUF source, adding its rounding)
-        runtime = ["--runtime", "transformers"] if name == "hf" and "runtime" not in recipe.steps["eval"] else []
-        steps.append(
-            Step(
-                f"eval-{name}",
-                "eval",
-                [str(exports[name]), "--kl-against", m, "-o", str(report), "--force", *runtime, *eval_args],
-                [report],
-                [_bake_step(name)],
-            )
-        )
+        defaults = {"runtime": "transformers"} if name == "hf" else {}
+        managed = {"model": str(exports[name]), "kl_against": m, "output": report, "force": True}
+        settings = settings_of("eval", EvalSettings, managed, defaults)
+        steps.append(Step(f"eval-{name}", "eval", settings, [report], [_bake_step(name)]))
     return steps
 
 
-def run_inputs(recipe: Recipe, recipe_file: Path) -> list[Path]:
-    """What the run reads, for the output rule: the recipe, the model and the files its steps name."""
-    from cosmic_bake.model.loading import model_inputs
-    from cosmic_bake.outputs import file_inputs
+def run_inputs(recipe_file: Path, steps: list[Step]) -> list[Path]:
+    """What the run reads, for the output rule: the recipe, the model and the files its steps name.
 
-    values = [v for opts in (recipe.common, *recipe.steps.values()) for k, v in opts.items() if k in INPUT_OPTIONS]
-    return [Path(recipe_file), *model_inputs(recipe.model), *file_inputs(*values)]
+    What one step writes and a later one reads (the direction, the exports) is the run's own.
+    """
+    produced = [_real(s.settings.output) for s in steps if s.command in ("select", "bake")]
+    named = [Path(p) for step in steps for p in step.settings.inputs()]
+    own = [p for p in named if any(r == _real(p) or r in _real(p).parents for r in produced)]
+    return [Path(recipe_file), *(p for p in named if p not in own)]
+
+
+def _real(path: str | Path) -> Path:
+    return Path(path).expanduser().resolve()
 
 
 def _bake_step(export: str) -> str:
     return "bake-hf" if export == "hf" else f"bake-{export}"
 
 
-def _relative(args: list[str], out: Path) -> list[str]:
-    """argv with the run folder written as ``$OUT`` so a moved run folder keeps its stamps."""
-    return [a.replace(str(out), "$OUT") for a in args]
+def _relative(value: Any, out: Path) -> Any:
+    """``value`` with the run folder written as ``$OUT``, so a moved run folder keeps its stamps."""
+    if isinstance(value, str):
+        return value.replace(str(out), "$OUT")
+    if isinstance(value, list):
+        return [_relative(v, out) for v in value]
+    if isinstance(value, dict):
+        return {k: _relative(v, out) for k, v in value.items()}
+    return value
 
 
 def execute(
     recipe: Recipe,
     steps: list[Step],
     out: Path,
-    invoke: Callable[[list[str]], None],
     *,
+    session: Session | None = None,
     fresh: bool = False,
     echo: Callable[[str], None] = click.echo,
+    show: dict[str, Callable[[Any, Any], None]] | None = None,
 ) -> list[StepResult]:
-    """Run (or reuse) every step in order; a verify FAIL is recorded and the run goes on."""
+    """Run (or reuse) every step in order through the API; a verify FAIL is recorded and the run goes on.
+
+    ``session`` keeps the recipe's model loaded across steps; ``show`` maps a command to the
+    function that prints its result (the CLI's), so a run prints what the commands print.
+    """
+    from cosmic_bake import api
+
+    calls = {"select": api.select, "bake": api.bake, "verify": api.verify, "eval": api.evaluate}
+    session = session or Session(pin={recipe.model})
     stamps_dir = out / STAMPS
     stamps_dir.mkdir(parents=True, exist_ok=True)
     digests: dict[str, str] = {}
@@ -173,7 +177,7 @@ def execute(
     for i, step in enumerate(steps, 1):
         inputs = {
             "command": step.command,
-            "args": _relative(step.args, out),
+            "settings": _relative(step.settings.record(), out),
             "model": identity,
             "after": {s: digests.get(s) for s in step.after},
             "version": __version__,
@@ -190,25 +194,66 @@ def execute(
             echo(f"{label}: reused (inputs unchanged)")
             results.append(StepResult(step.name, "reused", 0.0, digest))
             continue
-        echo(f"{label}: cosmic-bake {step.command} {' '.join(_relative(step.args, out))}")
-        argv = [step.command, *step.args]
+        settings = step.settings
         if step.command in ("select", "bake", "verify") and any(p.exists() for p in step.outputs):
-            argv.append("--force")  # its inputs changed: replace the stale output (only if the run wrote it)
+            settings = settings.replace(force=True)  # its inputs changed: replace the stale output (the run's own)
+        echo(f"{label}: cosmic-bake {step.command} {_relative(shlex.join(settings.argv()), out)}")
         t = time.perf_counter()
-        status = "ran"
-        try:
-            invoke(argv)
-        except SystemExit as err:
-            if err.code in (0, None):
-                pass
-            elif step.may_fail:
-                status = "failed"
-            else:
-                raise CosmicBakeError(f"step {step.name} failed (exit {err.code})", "see its output above") from None
+        result = calls[step.command](settings, session=session)
+        status = "failed" if step.may_fail and not getattr(result, "passed", True) else "ran"
+        if show and step.command in show:
+            show[step.command](settings, result)
         seconds = time.perf_counter() - t
         stamp_file.write_text(json.dumps({"digest": digest, "status": status, "inputs": inputs, "seconds": seconds}))
         results.append(StepResult(step.name, status, seconds, digest))
     return results
+
+
+def run_recipe(
+    s: RunSettings,
+    *,
+    echo: Callable[[str], None] = click.echo,
+    show: dict[str, Callable[[Any, Any], None]] | None = None,
+    session: Session | None = None,
+) -> int:
+    """``cosmic-bake run``: plan, run or reuse every step, then write the summary, card and manifest.
+
+    Returns the exit status: 1 when a verify step failed, else 0.
+    """
+    from cosmic_bake.export.card import CARD_FILE, card_with_results
+    from cosmic_bake.outputs import TOOL, check_target, manifest, write_json, write_text
+
+    recipe = load_recipe(s.recipe_file, [*s.overrides, *([f'model="{s.model}"'] if s.model else [])])
+    out = (s.output or Path(recipe.output or Path("runs") / Path(s.recipe_file).stem)).resolve()
+    steps = plan_steps(recipe, out, s.record_paths)
+    # the run folder is resumed in place, never replaced; each step's own output is checked by its call
+    check_target(out, force=True, inputs=run_inputs(s.recipe_file, steps), kind="run")
+    echo(f"run {s.recipe_file} -> {out} ({len(steps)} steps, model {recipe.model})")
+    session = session or Session(pin={recipe.model})
+    session.pinned.add(recipe.model)
+    with session:
+        results = execute(recipe, steps, out, session=session, fresh=s.fresh, echo=echo, show=show)
+    summary = summarize(out, results)
+    text = summary_markdown(recipe, summary)
+    write_text(out / "summary.md", text)
+    write_json(out / "summary.json", {"tool": TOOL, **summary})
+    card = out / "model" / CARD_FILE
+    if card.is_file():
+        write_text(out / "card.md", card_with_results(card.read_text(encoding="utf-8"), summary["rows"]))
+    manifest(
+        out,
+        record_paths=s.record_paths,
+        stage="run",
+        source={"spec": recipe.model},
+        extra={
+            "recipe": recipe.source,
+            "overrides": list(s.overrides),
+            "settings": s.record(),
+            "steps": [r.__dict__ for r in results],
+        },
+    )
+    echo("\n" + text)
+    return exit_code(results)
 
 
 def summarize(out: Path, results: list[StepResult]) -> dict:
@@ -239,7 +284,7 @@ def summarize(out: Path, results: list[StepResult]) -> dict:
 def summary_markdown(recipe: Recipe, summary: dict) -> str:
     """The final table as Markdown (also printed)."""
     lines = [
-        f"# cosmic-bake run: {recipe.model}" + (f" ({recipe.goal})" if recipe.goal else ""),
+        f"# cosmic-bake run: {portable_name(recipe.model)}" + (f" ({recipe.goal})" if recipe.goal else ""),
         "",
         "| output | size MiB | verify | mean KL | top-1 | harmful refusal | harmless refusal | harmless KL |",
         "|---|---|---|---|---|---|---|---|",

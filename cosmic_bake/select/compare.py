@@ -12,12 +12,16 @@ from __future__ import annotations
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from cosmic_bake.artifacts import Direction
 from cosmic_bake.errors import CosmicBakeError
 from cosmic_bake.select.candidates import SELECTORS, Batches, collect_candidates
-from cosmic_bake.select.selection import select
+from cosmic_bake.select.selection import select_sets
 from cosmic_bake.verify.evaluate import EvalReport, evaluate, first_token_logits
+
+if TYPE_CHECKING:
+    from cosmic_bake.settings import CompareSettings
 
 
 @dataclass
@@ -88,28 +92,25 @@ def compare(
     arch,
     fmt,
     sets: dict[str, list[str]],
+    s: CompareSettings,
     *,
     eval_harmful: list[str],
     eval_harmless: list[str],
-    mode: str = "ablate",
     selectors: tuple[str, ...] = SELECTORS,
-    batch_size: int = 32,
-    kl_threshold: float = 0.1,
-    eval_layers: list[int] | float | None = None,
-    direction_method: str = "mean",
-    max_new_tokens: int = 64,
 ) -> Comparison:
     """Select with each selector from one set of candidates, then evaluate every choice.
 
     ``sets`` holds ``harmful train``, ``harmless train``, ``harmful val`` and ``harmless val`` as
-    ``select`` takes them. A selector with no surviving candidate gives a row saying why instead
+    ``select`` takes them; ``s`` the command's settings (mode, batch size, selection options,
+    generation length). A selector with no surviving candidate gives a row saying why instead
     of ending the comparison.
     """
     from cosmic_bake.select.run_folder import chosen_direction
 
-    for s in selectors:
-        if s not in SELECTORS:
-            raise CosmicBakeError(f"unknown selector '{s}'", f"use one of {', '.join(SELECTORS)}")
+    for name in selectors:
+        if name not in SELECTORS:
+            raise CosmicBakeError(f"unknown selector '{name}'", f"use one of {', '.join(SELECTORS)}")
+    mode, batch_size, max_new_tokens = s.mode, s.batch_size, s.max_new_tokens
     t = time.perf_counter()
     cands = collect_candidates(
         lm.model,
@@ -117,7 +118,7 @@ def compare(
         fmt,
         Batches.make(fmt, sets["harmful train"], batch_size),
         Batches.make(fmt, sets["harmless train"], batch_size),
-        direction_method,
+        s.direction_method,
     )
     result = Comparison(mode, [], candidate_seconds=time.perf_counter() - t)
     eval_batch = min(batch_size, 32)
@@ -140,22 +141,8 @@ def compare(
     for selector in selectors:
         t = time.perf_counter()
         try:
-            sel = select(
-                lm.model,
-                arch,
-                fmt,
-                harmful_train=sets["harmful train"],
-                harmless_train=sets["harmless train"],
-                harmful_val=sets["harmful val"],
-                harmless_val=sets["harmless val"],
-                mode="affine" if mode == "affine" else "ablate",
-                selector=selector,
-                batch_size=batch_size,
-                kl_threshold=kl_threshold,
-                eval_layers=eval_layers,
-                direction_method=direction_method,
-                candidates=cands,
-            )
+            edit = "affine" if mode == "affine" else "ablate"
+            sel = select_sets(lm.model, arch, fmt, sets, s, mode=edit, selector=selector, candidates=cands)
         except CosmicBakeError as err:
             result.rows.append(
                 CompareRow(selector, None, None, None, None, None, time.perf_counter() - t, None, f"no choice: {err}")

@@ -5,14 +5,17 @@ from __future__ import annotations
 import os
 import time
 from collections.abc import Iterable
-from pathlib import Path
+from typing import TYPE_CHECKING
 
 from cosmic_bake.artifacts import DIRECTION_FILE, SELECTION_FILE, Direction, model_hash, source_record
-from cosmic_bake.model.batching import resolve_batch_size
 from cosmic_bake.model.devices import input_device
 from cosmic_bake.outputs import TOOL, atomic_dir, manifest, write_json
 from cosmic_bake.plots import plot_layer_similarities, plot_score_grids
-from cosmic_bake.select.selection import Selection, select
+from cosmic_bake.select.selection import Selection, select_sets
+from cosmic_bake.sharing import portable, portable_name
+
+if TYPE_CHECKING:
+    from cosmic_bake.settings import SelectSettings
 
 
 def selection_record(sel: Selection) -> dict:
@@ -55,95 +58,63 @@ def chosen_direction(sel: Selection, lm, fmt) -> Direction:
         mode=sel.mode,
         selector=sel.selector,
         alpha=0.0 if sel.mode in ("affine", "ace") else 1.0,
-        model_id=lm.source.spec,
+        model_id=portable_name(lm.source.spec),  # Hub id, builtin:NAME or file name: the artifact travels
         model_hash=model_hash(source_record(lm.source)),
         extra=extra,
     )
 
 
 def run_select(
-    lm,
-    arch,
-    fmt,
-    sets: dict[str, list[str]],
-    out: Path,
-    *,
-    mode: str,
-    selector: str,
-    batch_size: int | str,
-    kl_threshold: float,
-    force: bool,
-    settings: dict,
-    alphas: list[float] | None = None,
-    max_harmless_refusal: float = 0.05,
-    eval_layers: list[int] | float | None = None,
-    direction_method: str = "mean",
-    inputs: Iterable[str | os.PathLike] = (),
+    lm, arch, fmt, sets: dict[str, list[str]], s: SelectSettings, inputs: Iterable[str | os.PathLike]
 ) -> dict:
-    """Select, then write ``out`` (nothing is written if selection fails).
+    """Select as the settings ``s`` say, then write ``s.output`` (nothing is written if selection fails).
 
-    ``out`` follows the output rule (:func:`cosmic_bake.outputs.check_target`) against ``inputs``.
+    ``s.output`` follows the output rule (:func:`cosmic_bake.outputs.check_target`) against ``inputs``.
+    ``selection.json`` and the manifest name the model and prompt files by Hub id or file name
+    (``push`` uploads them with a run) unless ``s.record_paths``.
 
-    ``alphas`` (steering mode ``affine`` only): after the direction is chosen, sweep them on the
+    ``s.alphas`` (steering mode ``affine`` only): after the direction is chosen, sweep them on the
     validation prompts with the baked hook and record the chosen alpha (:mod:`cosmic_bake.select.sweep`).
     """
     t0 = time.perf_counter()
-    device = input_device(lm.model)
-    start = resolve_batch_size(batch_size, device, 32)
-    sel = select(
-        lm.model,
-        arch,
-        fmt,
-        harmful_train=sets["harmful train"],
-        harmless_train=sets["harmless train"],
-        harmful_val=sets["harmful val"],
-        harmless_val=sets["harmless val"],
-        mode=mode,
-        selector=selector,
-        batch_size=start,
-        kl_threshold=kl_threshold,
-        eval_layers=eval_layers,
-        direction_method=direction_method,
-    )
+    sel = select_sets(lm.model, arch, fmt, sets, s, mode=s.mode, selector=s.selector)
     t = time.perf_counter()
-    src = source_record(lm.source)
+    src = source_record(lm.source, s.record_paths)
+    name = portable_name(lm.source.spec)
     record = {"tool": TOOL, **selection_record(sel)}
-    record["settings"] = {**settings, "batch_size": batch_size, "kl_threshold": kl_threshold}
+    record["settings"] = portable(s.record(), s.record_paths)
     pos, layer = sel.chosen
     direction = chosen_direction(sel, lm, fmt)
     swept = None
-    if alphas:
-        from cosmic_bake.errors import CosmicBakeError
+    if s.alphas:
         from cosmic_bake.select.sweep import sweep
 
-        if mode != "affine":
-            raise CosmicBakeError("--alphas applies to --mode affine", "drop --alphas, or select with --mode affine")
         swept = sweep(
             lm.model,
             arch,
             fmt,
             direction,
-            mode=mode,
-            alphas=alphas,
+            mode=s.mode,
+            alphas=list(s.alphas),
             harmful=sets["harmful val"],
             harmless=sets["harmless val"],
-            batch_size=sel.batch_size if device.type != "cpu" else min(sel.batch_size, 16),
-            max_harmless_refusal=max_harmless_refusal,
+            batch_size=sel.batch_size if input_device(lm.model).type != "cpu" else min(sel.batch_size, 16),
+            max_harmless_refusal=s.max_harmless_refusal,
         )
         if swept.chosen is not None:
             direction.alpha = swept.chosen
         record["alpha_sweep"] = swept.to_dict()
-    with atomic_dir(out, force=force, inputs=inputs) as tmp:
+    with atomic_dir(s.output, force=s.force, inputs=inputs) as tmp:
         direction.save(tmp)
         if swept is not None:
             from cosmic_bake.select.sweep import write_sweep
 
-            write_sweep(swept, tmp, f"affine sweep on validation prompts, {lm.source.spec}")
+            write_sweep(swept, tmp, f"affine sweep on validation prompts, {name}")
         plot_layer_similarities(
             sel.candidates.similarities,
             sel.eval_layers,
             tmp / "layer_similarities.png",
-            f"{lm.source.spec}: harmful vs harmless, last token",
+            f"{name}: harmful vs harmless, last token",
         )
         grids = dict(zip(sel.grid.names, (sel.grid.first, sel.grid.second, sel.grid.kl)))
         plot_score_grids(
@@ -151,7 +122,7 @@ def run_select(
             (pos + sel.candidates.n_positions, layer),
             sel.suffix_tokens,
             tmp / "scores.png",
-            f"{selector} scores ({mode}) for {lm.source.spec}",
+            f"{s.selector} scores ({s.mode}) for {name}",
         )
         record["timings"]["write"] = time.perf_counter() - t
         record["timings"]["total"] = time.perf_counter() - t0
@@ -165,5 +136,6 @@ def run_select(
                 "scores": record["chosen_scores"],
                 "settings": record["settings"],
             },
+            record_paths=s.record_paths,
         )
     return record

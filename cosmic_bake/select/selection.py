@@ -191,3 +191,33 @@ def select(
         direction_method=direction_method,
         batch_size=size,
     )
+
+
+def select_sets(
+    model, arch: Architecture, fmt: ChatFormat, sets: dict[str, list[str]], s, *, mode: str, selector: str, **kw
+) -> Selection:
+    """:func:`select` on the four prompt sets of ``prompt_sets`` with the selection settings ``s``.
+
+    ``s`` carries ``batch_size``, ``kl_threshold``, ``eval_layers`` and ``direction_method`` (a
+    ``SelectSettings`` or ``CompareSettings``); ``kw`` passes ``candidates`` through. A
+    ``batch_size`` of ``"auto"`` starts at 128 on an accelerator and 32 on the CPU.
+    """
+    from cosmic_bake.model.batching import resolve_batch_size
+    from cosmic_bake.model.devices import input_device
+
+    return select(
+        model,
+        arch,
+        fmt,
+        harmful_train=sets["harmful train"],
+        harmless_train=sets["harmless train"],
+        harmful_val=sets["harmful val"],
+        harmless_val=sets["harmless val"],
+        mode=mode,
+        selector=selector,
+        batch_size=resolve_batch_size(s.batch_size, input_device(model), 32),
+        kl_threshold=s.kl_threshold,
+        eval_layers=s.eval_layers,
+        direction_method=s.direction_method,
+        **kw,
+    )

@@ -167,6 +167,7 @@ class EvalReport:
     seconds: float
     intervention: str
     completions: dict[str, list[dict]] = field(default_factory=dict)
+    runtime: str = "transformers"  # or "llama.cpp" (a GGUF run without hooks)
 
     def summary(self) -> dict:
         d = {k: v for k, v in self.__dict__.items() if k != "completions"}
@@ -213,6 +214,7 @@ def evaluate(
         new_tokens=bad.new_tokens + good.new_tokens,
         seconds=time.perf_counter() - t,
         intervention=intervention.kind if intervention is not None else "none",
+        runtime="llama.cpp" if arch is None else "transformers",
         completions={
             "harmful": [
                 {"prompt": p, "response": r, "refused": f} for p, r, f in zip(bad.prompts, bad.responses, refused_bad)
