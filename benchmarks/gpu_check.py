@@ -59,6 +59,14 @@ LLAMA_8B = {"hidden_size": 4096, "intermediate_size": 14336, "num_attention_head
 SMALL_8B = {"hidden_size": 512, "intermediate_size": 1792, "num_attention_heads": 8, "num_key_value_heads": 2}
 
 
+OUT_FILE: list[Path] = []  # where results are written after every stage (a run cut short keeps them)
+
+
+def _save(results: dict) -> None:
+    for path in OUT_FILE:
+        path.write_text(json.dumps(results, indent=2, default=str) + "\n")
+
+
 def _gib(n: float) -> float:
     return round(n / 2**30, 3)
 
@@ -86,7 +94,8 @@ class Stage:
         if exc[0] is not None:
             row["error"] = f"{exc[0].__name__}: {exc[1]}"
         self.results[self.name] = row
-        print(f"[{self.name}] {json.dumps(row)}", flush=True)
+        print(f"[{self.name}] {json.dumps(row, default=str)}", flush=True)
+        _save(self.results)
         return exc[0] is not None and issubclass(exc[0], Exception)  # record the failure, go on
 
 
@@ -323,6 +332,8 @@ def main() -> int:
     results: dict = {"device": str(device), "torch": torch.__version__}
     if device.type == "cuda":
         results["gpu"] = torch.cuda.get_device_name(device)
+    out = args.out or (Path(os.environ["OUT"]) / "gpu_check.json" if os.environ.get("OUT") else None)
+    OUT_FILE[:] = [out] if out is not None else []
     lazy_at_import = [m for m in LAZY if m in sys.modules]
     with tempfile.TemporaryDirectory(prefix="gpu_check-") as tmp:
         work = Path(tmp)
@@ -333,9 +344,7 @@ def main() -> int:
     results["total_seconds"] = round(time.perf_counter() - t0, 1)
     passed = small_ok and big_ok and not lazy_at_end
     results["passed"] = passed
-    out = args.out or (Path(os.environ["OUT"]) / "gpu_check.json" if os.environ.get("OUT") else None)
-    if out is not None:
-        out.write_text(json.dumps(results, indent=2, default=str) + "\n")
+    _save(results)
     summary = {k: v for k, v in results.items() if not k.startswith("_")}
     print(json.dumps(summary, indent=2, default=str))
     print("PASSED" if passed else "FAILED", f"in {results['total_seconds']} s")
