@@ -13,7 +13,10 @@ first argument; both are validated by the same settings class:
     print(api.verify("builtin:smollm2-135m-instruct", "out/model", run).passed)
 
 ``session`` (a :class:`~cosmic_bake.model.session.Session`) lets several calls share loaded
-models; without one, each call loads what it needs.
+models; without one, each call loads what it needs. ``placement`` (a
+:class:`~cosmic_bake.model.devices.Placement`: device, or accelerate's device map / memory budget /
+disk offload) says where the models of a call go; the default takes the best device present (the
+plain CPU load on a machine without a GPU).
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ from collections.abc import Iterable
 from typing import Any, TypeVar
 
 from cosmic_bake.errors import CosmicBakeError
+from cosmic_bake.model.devices import Placement
 from cosmic_bake.model.session import Session
 from cosmic_bake.prompts.sets import verify_prompts
 from cosmic_bake.settings import (
@@ -58,17 +62,32 @@ def _inputs(s: Settings, extra: Paths) -> list:
     return [*s.inputs(), *file_inputs(*extra)]
 
 
-def load(model: str, dtype: str = "float32", chat_template: str | None = None, system_prompt: str | None = None):
+def load(
+    model: str,
+    dtype: str = "float32",
+    chat_template: str | None = None,
+    system_prompt: str | None = None,
+    placement: Placement | None = None,
+):
     """``(LoadedModel, Architecture, ChatFormat)`` for a Hub id, folder, .gguf file or builtin name.
 
     ``chat_template`` is a Jinja template or a format string (or a file holding one);
     ``system_prompt`` replaces the template's default system prompt (text, see
     :func:`~cosmic_bake.prompts.presets.read_system_prompt` for ``@FILE`` / ``preset:NAME``).
+    ``dtype`` ``auto`` is bfloat16 on a GPU and float32 on the CPU.
     """
-    return Session().load(model, dtype, chat_template, system_prompt)
+    return Session().load(model, dtype, chat_template, system_prompt, placement=placement)
 
 
-def select(model: Any = None, output: Any = None, *, session: Session | None = None, inputs: Paths = (), **options):
+def select(
+    model: Any = None,
+    output: Any = None,
+    *,
+    session: Session | None = None,
+    inputs: Paths = (),
+    placement: Placement | None = None,
+    **options,
+):
     """Choose a direction with COSMIC (or the refusal-score baseline) and write the run folder ``output``.
 
     Options are :class:`~cosmic_bake.settings.SelectSettings`' fields. Returns the run folder; its
@@ -84,7 +103,9 @@ def select(model: Any = None, output: Any = None, *, session: Session | None = N
     paths = _inputs(s, inputs)
     check_target(s.output, force=s.force, inputs=paths)
     sets = s.prompt_sets()  # read before loading: a bad prompt file fails in seconds
-    lm, arch, fmt = (session or Session()).load(s.model, s.dtype, s.chat_template, s.system_prompt)
+    lm, arch, fmt = (session or Session()).load(
+        s.model, s.dtype, s.chat_template, s.system_prompt, placement=placement or s.placement()
+    )
     run_select(lm, arch, fmt, sets, s, paths)
     return s.output
 
@@ -92,7 +113,16 @@ def select(model: Any = None, output: Any = None, *, session: Session | None = N
 GGUF_ONLY = ("outtype", "edited_type", "edited_type_always")  # bake options only the GGUF writer takes
 
 
-def bake(model=None, direction=None, output=None, *, session: Session | None = None, inputs: Paths = (), **options):
+def bake(
+    model=None,
+    direction=None,
+    output=None,
+    *,
+    session: Session | None = None,
+    inputs: Paths = (),
+    placement: Placement | None = None,
+    **options,
+):
     """Bake ``direction`` (a run folder) into ``model``; write a folder (``hf``), a ``.gguf`` file or LoRA adapters.
 
     Options are :class:`~cosmic_bake.settings.BakeSettings`' fields (``format``, ``embeddings``,
@@ -105,7 +135,7 @@ def bake(model=None, direction=None, output=None, *, session: Session | None = N
 
     s = _settings(BakeSettings, {"model": model, "direction": direction, "output": output}, options)
     if s.format == "lora":
-        return export_lora(s, session=session, inputs=inputs)
+        return export_lora(s, session=session, inputs=inputs, placement=placement)
     paths = _inputs(s, inputs)
     common = {k: v for k, v in s.group(BakeOptions).items() if k not in GGUF_ONLY + ("max_shard_size",)}
     if s.format == "gguf":
@@ -138,6 +168,7 @@ def export_lora(
     gguf: bool | None = None,
     session: Session | None = None,
     inputs: Paths = (),
+    placement: Placement | None = None,
     **options,
 ) -> dict:
     """Write the removal edit as LoRA adapters: a PEFT folder (and ``adapter.gguf`` for llama.cpp).
@@ -161,7 +192,7 @@ def export_lora(
             f"a LoRA carries linear removal only, not the '{d.mode}' edit's constant",
             "bake the full model (--format hf or gguf) for add / affine",
         )
-    lm, arch, _ = (session or Session()).load(s.model)
+    lm, arch, _ = (session or Session()).load(s.model, placement=placement)
     src = source_record(lm.source, s.record_paths)
     check_direction(d, arch.d_model, model_hash(src), s.allow_mismatch)
     return lora.write_lora_folder(
@@ -179,7 +210,16 @@ def export_lora(
     )
 
 
-def verify(original=None, baked=None, direction=None, *, session: Session | None = None, inputs: Paths = (), **options):
+def verify(
+    original=None,
+    baked=None,
+    direction=None,
+    *,
+    session: Session | None = None,
+    inputs: Paths = (),
+    placement: Placement | None = None,
+    **options,
+):
     """Compare ``baked`` (a folder, or a .gguf run in llama.cpp) with ``original`` + the hook it equals.
 
     The hook is that of the mode and alpha recorded in the baked output. Returns a
@@ -199,7 +239,16 @@ def verify(original=None, baked=None, direction=None, *, session: Session | None
     d = baked_direction(s.direction, s.baked)
     texts = verify_prompts(s.prompts, s.column, s.limit)
     report = verify_logits(
-        s.original, s.baked, d, texts, s.dtype, s.chat_template, s.system_prompt, s.batch_size, session
+        s.original,
+        s.baked,
+        d,
+        texts,
+        s.dtype,
+        s.chat_template,
+        s.system_prompt,
+        s.batch_size,
+        session,
+        placement or s.placement(),
     )
     report = add_weight_check(report, weight_check(s.original, s.baked, d))
     if s.output is not None:
@@ -219,7 +268,14 @@ def baked_direction(direction: str | os.PathLike, baked: str | os.PathLike):
     return d if recorded is None else d.with_mode(*recorded)
 
 
-def evaluate(model: Any = None, *, session: Session | None = None, inputs: Paths = (), **options):
+def evaluate(
+    model: Any = None,
+    *,
+    session: Session | None = None,
+    inputs: Paths = (),
+    placement: Placement | None = None,
+    **options,
+):
     """Refusal rates on harmful and harmless prompts, and harmless first-token KL.
 
     KL is against the same model without the hook, or against ``kl_against`` (for a baked model).
@@ -239,10 +295,12 @@ def evaluate(model: Any = None, *, session: Session | None = None, inputs: Paths
     load = (s.dtype, s.chat_template, s.system_prompt)
     base_logits = None
     if s.kl_against is not None:
-        ref, _, ref_fmt = session.load_for_eval(s.kl_against, s.runtime, "none", *load)
-        base_logits = first_token_logits(ref, ref_fmt, good, min(s.batch_size, 32))
+        ref, _, ref_fmt = session.load_for_eval(
+            s.kl_against, s.runtime, "none", *load, placement=placement or s.placement()
+        )
+        base_logits = first_token_logits(ref, ref_fmt, good, _eval_batch(s.batch_size))
         del ref
-    lm, arch, fmt = session.load_for_eval(s.model, s.runtime, s.kind, *load)
+    lm, arch, fmt = session.load_for_eval(s.model, s.runtime, s.kind, *load, placement=placement or s.placement())
     rep = evaluate_model(
         lm,
         arch,
@@ -251,7 +309,7 @@ def evaluate(model: Any = None, *, session: Session | None = None, inputs: Paths
         harmless=good,
         intervention=_intervention(s),
         max_new_tokens=s.max_new_tokens,
-        batch_size=min(s.batch_size, 32),
+        batch_size=_eval_batch(s.batch_size),
         base_logits=base_logits,
     )
     if s.output is not None:
@@ -261,6 +319,11 @@ def evaluate(model: Any = None, *, session: Session | None = None, inputs: Paths
             s.output, {**data, "settings": s.record()}, force=s.force, inputs=paths, record_paths=s.record_paths
         )
     return rep
+
+
+def _eval_batch(batch_size: int | str) -> int | str:
+    """Generation batches: at most 32 prompts, or ``auto`` (largest that fits on an accelerator)."""
+    return batch_size if batch_size == "auto" else min(batch_size, 32)
 
 
 def _intervention(s: EvalSettings):
@@ -281,7 +344,16 @@ def _intervention(s: EvalSettings):
     }[s.kind]()
 
 
-def sweep(model=None, direction=None, output=None, *, session: Session | None = None, inputs: Paths = (), **options):
+def sweep(
+    model=None,
+    direction=None,
+    output=None,
+    *,
+    session: Session | None = None,
+    inputs: Paths = (),
+    placement: Placement | None = None,
+    **options,
+):
     """Evaluate the baked form of a steering edit at each alpha; pick the safest within the harmless cap.
 
     Options are :class:`~cosmic_bake.settings.SweepSettings`' fields. Writes ``output`` (sweep.json,
@@ -297,7 +369,9 @@ def sweep(model=None, direction=None, output=None, *, session: Session | None = 
     check_target(s.output, force=s.force, inputs=paths)
     d = Direction.load(s.direction)
     bad, good = s.eval_prompts()
-    lm, arch, fmt = (session or Session()).load(s.model, s.dtype, s.chat_template, s.system_prompt)
+    lm, arch, fmt = (session or Session()).load(
+        s.model, s.dtype, s.chat_template, s.system_prompt, placement=placement or s.placement()
+    )
     result = sweep_alphas(
         lm.model,
         arch,
@@ -308,7 +382,7 @@ def sweep(model=None, direction=None, output=None, *, session: Session | None = 
         harmful=bad,
         harmless=good,
         max_new_tokens=s.max_new_tokens,
-        batch_size=min(s.batch_size, 32),
+        batch_size=_eval_batch(s.batch_size),
         max_harmless_refusal=s.max_harmless_refusal,
     )
     with atomic_dir(s.output, force=s.force, inputs=paths) as tmp:
@@ -319,7 +393,15 @@ def sweep(model=None, direction=None, output=None, *, session: Session | None = 
     return result
 
 
-def compare(model: Any = None, output: Any = None, *, session: Session | None = None, inputs: Paths = (), **options):
+def compare(
+    model: Any = None,
+    output: Any = None,
+    *,
+    session: Session | None = None,
+    inputs: Paths = (),
+    placement: Placement | None = None,
+    **options,
+):
     """Run COSMIC and the refusal-score selector on the same prompts and compare their directions.
 
     Options are :class:`~cosmic_bake.settings.CompareSettings`' fields. Writes ``output``
@@ -338,7 +420,9 @@ def compare(model: Any = None, output: Any = None, *, session: Session | None = 
     sets = s.prompt_sets()
     bad = load_prompts(s.eval_harmful, s.column, limit=s.limit_eval_harmful)
     good = load_prompts(s.eval_harmless, s.column, limit=s.limit_eval_harmless)
-    lm, arch, fmt = (session or Session()).load(s.model, s.dtype, s.chat_template, s.system_prompt)
+    lm, arch, fmt = (session or Session()).load(
+        s.model, s.dtype, s.chat_template, s.system_prompt, placement=placement or s.placement()
+    )
     result = compare_selectors(lm, arch, fmt, sets, s, eval_harmful=bad, eval_harmless=good)
     with atomic_dir(s.output, force=s.force, inputs=paths) as tmp:
         write_comparison(result, tmp, compare_title(s))

@@ -34,6 +34,13 @@ ADDED["select"] |= {"all_scores"}
 # --sample-seed, and --limit / --limit-val take "all" too (issue 16: large prompt files sampled by default)
 ADDED["select"] |= {"sample_seed"}
 ADDED["compare"] |= {"sample_seed"}
+# --device, --device-map, --max-memory, --offload-folder, and --dtype auto as the default (issue 15: GPUs and
+# models beyond one device; auto is float32 on the CPU, so a CPU run is unchanged)
+LOADING = ("select", "compare", "sweep", "verify", "eval")
+for _name in LOADING:
+    ADDED[_name] |= {"device", "device_map", "max_memory", "offload_folder"}
+NEW_DEFAULTS = {(name, "dtype"): "auto" for name in LOADING}
+NEW_CHOICES = {(name, "dtype"): ["auto", "float32", "bfloat16", "float16"] for name in LOADING}
 RETYPED = {(name, key) for name in ("select", "compare") for key in ("limit", "limit_val")}  # text: N or all
 
 
@@ -56,11 +63,13 @@ def test_generated_options_match_the_hand_written_ones(name):
             continue
         assert type(p.type).__name__ == row["type"], key
         if "choices" in row:
+            row = {**row, "choices": NEW_CHOICES.get((name, key), row["choices"])}
             assert list(p.type.choices) == row["choices"] and p.type.case_sensitive == row["case_sensitive"], key
         if "min" in row:
             assert (p.type.min, p.type.max) == (row["min"], row["max"]), key
         default = p.default if not isinstance(p.default, tuple) else list(p.default)
         old_default = None if row["default"] == "Sentinel.UNSET" else row["default"]  # click's "not given"
+        old_default = NEW_DEFAULTS.get((name, key), old_default)
         expected = PARSED_DEFAULTS.get((name, key), (old_default,))[0]
         assert default == expected or (old_default is None and default in (None, False, ())), key
 
@@ -113,7 +122,7 @@ def test_build_checks_every_source_the_same_way():
         (lambda: SelectSettings.build(output="o", limit="many"), "limit 'many' is neither a count"),
         (lambda: SelectSettings.build(output="o", limit=0), "limit '0' is neither a count of at least 1 nor 'all'"),
         (lambda: SelectSettings.build(output="o", limit_val=2.5), "limit '2.5'"),
-        (lambda: SelectSettings.build(output="o", dtype="int8"), "use one of: float32"),
+        (lambda: SelectSettings.build(output="o", dtype="int8"), "use one of: auto, float32"),
         (lambda: SelectSettings.build(output="o", alphas="1,x"), "--alphas '1,x'"),
         (lambda: SelectSettings.build(output="o", alphas="1"), "--alphas applies to --mode affine"),
         (lambda: SelectSettings.build(), "select needs 'output'"),

@@ -23,6 +23,7 @@ import torch
 from cosmic_bake.errors import CosmicBakeError
 from cosmic_bake.math.projections import unit
 from cosmic_bake.model.architecture import Architecture
+from cosmic_bake.model.devices import cpu_param
 from cosmic_bake.model.hooks import writer_directions
 
 ADAPTER_CONFIG = "adapter_config.json"
@@ -57,13 +58,13 @@ def removal_factors(arch: Architecture, r: torch.Tensor) -> list[LoraFactor]:
                     "bake the full model (--format hf or gguf) instead of --format lora",
                 )
             w = writers[0]
-            bias = getattr(w.module, w.bias) if w.bias else None
-            if bias is not None and float(bias.detach().double() @ u) != 0.0:
+            bias = cpu_param(w.module, w.bias) if w.bias else None
+            if bias is not None and float(bias.double() @ u) != 0.0:
                 raise CosmicBakeError(
                     f"{w.name} has a bias with a component along the direction; a LoRA cannot change biases",
                     "bake the full model (--format hf or gguf) instead of --format lora",
                 )
-            weight = w.weight.detach().double()
+            weight = cpu_param(w.module, w.param).double()  # on any device, or offloaded
             factors.append(
                 LoraFactor(
                     arch.name_of(w.module),
@@ -72,7 +73,7 @@ def removal_factors(arch: Architecture, r: torch.Tensor) -> list[LoraFactor]:
                     -u.unsqueeze(1),
                 )
             )
-    emb = arch.embed.weight.detach().double()
+    emb = cpu_param(arch.embed).double()
     factors.insert(
         0,
         LoraFactor(

@@ -63,15 +63,16 @@ def pooled_unit(outputs: torch.Tensor) -> torch.Tensor:
     """Unit vector of the mean over prompts *and* layers of ``outputs`` ``[n, k, d]``.
 
     One vector averaged over prompts and layers, then normalised (not an average of cosines), with
-    the reference code's ``+1e-8`` in the norm.
+    the reference code's ``+1e-8`` in the norm. Accumulated in float64 whatever the model's dtype:
+    in bfloat16 a cosine near 1 moves in steps of ~0.004, about the gap between top candidates.
     """
-    m = outputs.mean(dim=(0, 1))
+    m = outputs.double().mean(dim=(0, 1))
     return m / (m.norm() + UNIT_EPS)
 
 
 def pooled_cosine(outputs: torch.Tensor, target_unit: torch.Tensor) -> float:
-    """``cos(mean over prompts and layers of outputs, target)`` with ``target`` already unit."""
-    return float(pooled_unit(outputs) @ target_unit.to(outputs.dtype))
+    """``cos(mean over prompts and layers of outputs, target)`` with ``target`` already unit (float64)."""
+    return float(pooled_unit(outputs) @ target_unit.double())
 
 
 def kl_divergence(logits_p: torch.Tensor, logits_q: torch.Tensor) -> torch.Tensor:

@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 from cosmic_bake.errors import CosmicBakeError
+from cosmic_bake.model.devices import cpu_param, input_device, loaded_on_cpu, module_device
 
 SUPPORTED_FAMILIES = ("llama", "qwen2", "mistral", "gemma2", "gemma3_text", "phi3", "mixtral", "qwen2_moe")
 
@@ -81,8 +82,8 @@ class Architecture:
         return self.names[id(module)]
 
     def norm_gain(self, norm: nn.Module) -> torch.Tensor:
-        """The vector ``g`` a norm multiplies by, in float64."""
-        return norm.weight.detach().double() + self.gain_offset
+        """The vector ``g`` a norm multiplies by, in float64 on the CPU (read from the offload map if offloaded)."""
+        return cpu_param(norm).double() + self.gain_offset
 
     @property
     def has_post_norms(self) -> bool:
@@ -118,9 +119,10 @@ def _trace(model: nn.Module, vocab: int) -> list[str]:
         for name, mod in model.named_modules()
         if name
     ]
+    ids = torch.tensor([[min(1, vocab - 1), min(2, vocab - 1)]], device=input_device(model))
     try:
         with torch.no_grad():
-            model(input_ids=torch.tensor([[min(1, vocab - 1), min(2, vocab - 1)]]), use_cache=False)
+            model(input_ids=ids, use_cache=False)
     finally:
         for h in handles:
             h.remove()
@@ -136,10 +138,11 @@ def _relative(order: list[str], prefix: str) -> list[str]:
 def _gain_offset(norm: nn.Module, d_model: int) -> float:
     """0 when the norm multiplies by ``w``, 1 when by ``1 + w`` (Gemma), measured on one vector."""
     x = torch.linspace(-1.0, 1.0, d_model).reshape(1, 1, d_model) + 0.1
-    with torch.no_grad():
-        y = norm(x.to(norm.weight.dtype)).double().flatten()
+    w = cpu_param(norm)
+    with torch.no_grad(), loaded_on_cpu(norm):  # an offloaded norm runs on the CPU, others where they are
+        y = norm(x.to(device=module_device(norm), dtype=w.dtype)).to("cpu").double().flatten()
         xn = x.double().flatten() / x.double().pow(2).mean().add(getattr(norm, "eps", 1e-6)).sqrt()
-        w = norm.weight.detach().double()
+        w = w.double()
         plain = (y - xn * w).abs().max()
         gemma = (y - xn * (1 + w)).abs().max()
     return 1.0 if gemma < plain else 0.0
@@ -232,7 +235,7 @@ def probe(model: nn.Module) -> Architecture:
         blocks.append(BlockParts(index, block, attn, mlp, attn_writers, mlp_writers, attn_post, mlp_post))
     final_norm = _final_norm(model, layers, names, trace)
     tied = bool(getattr(text_config, "tie_word_embeddings", getattr(config, "tie_word_embeddings", False))) or (
-        lm_head.weight.data_ptr() == embed.weight.data_ptr()
+        _same_storage(lm_head.weight, embed.weight)
     )
     norm_for_gain = blocks[0].block.input_layernorm if hasattr(blocks[0].block, "input_layernorm") else final_norm
     return Architecture(
@@ -247,6 +250,13 @@ def probe(model: nn.Module) -> Architecture:
         gain_offset=_gain_offset(norm_for_gain, d_model),
         names=names,
     )
+
+
+def _same_storage(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Whether two weights are one (tied); offloaded weights live on ``meta``, where every pointer is 0."""
+    if a is b:
+        return True
+    return a.device.type != "meta" and a.device == b.device and a.data_ptr() == b.data_ptr()
 
 
 def _post_norms(seq: list[nn.Module], attn: nn.Module, mlp: nn.Module) -> tuple[nn.Module | None, nn.Module | None]:
@@ -305,13 +315,13 @@ def embed_scale(model: nn.Module, embed: nn.Embedding, first_block: nn.Module) -
     ids = torch.tensor([[1, 2, 3]]) % max(1, embed.weight.shape[0])
     handle = first_block.register_forward_pre_hook(grab, with_kwargs=True)
     try:
-        model(input_ids=ids, use_cache=False)
+        model(input_ids=ids.to(input_device(model)), use_cache=False)
     except _Seen:
         pass
     finally:
         handle.remove()
-    rows = embed.weight[ids[0]].double()
-    x = seen[0][0].double()
+    rows = cpu_param(embed)[ids[0]].double()
+    x = seen[0][0].to("cpu").double()
     return float((x * rows).sum() / (rows * rows).sum())
 
 

@@ -21,6 +21,7 @@ import torch
 from torch import nn
 
 from cosmic_bake.model.architecture import Architecture
+from cosmic_bake.model.devices import input_device, to_cpu, to_device
 
 
 class _PassThrough(nn.Module):
@@ -34,8 +35,10 @@ class _PassThrough(nn.Module):
                 setattr(self, attr, getattr(original, attr))
 
     def forward(self, hidden_states: torch.Tensor, *args, **kwargs) -> torch.Tensor:
-        # A clone: the next block's pre-hook edits its input in place.
-        return hidden_states if self.recorded is None else self.recorded.clone()
+        # A copy (on the device the stream is on here): the next block's pre-hook edits its input in place.
+        if self.recorded is None:
+            return hidden_states
+        return self.recorded.to(device=hidden_states.device, dtype=hidden_states.dtype, copy=True)
 
 
 @contextlib.contextmanager
@@ -61,7 +64,10 @@ def _stop(_module, _args, _kwargs):
 
 @dataclass
 class Recorded:
-    """What one forward pass recorded, all float32/64 on CPU."""
+    """What one forward pass recorded, all on the CPU (whatever devices the layers sit on).
+
+    ``inputs`` are float64; the others keep the model's dtype (the math casts to float64).
+    """
 
     inputs: torch.Tensor | None = None  # block inputs at the last P positions [B, L, P, d]
     full_inputs: list[torch.Tensor] = field(default_factory=list)  # block inputs, whole sequence
@@ -90,8 +96,10 @@ def forward(
     """
     n = arch.n_layers
     ends = batch.get("ends")  # packed batches: index of each prompt's last token in the row
-    inputs_for_model = {k: v for k, v in batch.items() if k != "ends"}
-    keep = 1 if ends is None else ends
+    inputs_for_model = to_device({k: v for k, v in batch.items() if k != "ends"}, input_device(model))
+    # Logits at the last position; for a packed row, at each prompt's end: the final norm's output
+    # is cut to those rows (on whatever device it sits) and the head then reads all of them.
+    keep = 1 if ends is None else 0
     rec = Recorded()
     inputs: list[torch.Tensor | None] = [None] * n
     outs: dict[int, torch.Tensor] = {}
@@ -107,8 +115,9 @@ def forward(
                 for j in range(n):
 
                     def pre(_m, args, kwargs, j=j):
+                        # Copied to the CPU as they come: consecutive layers may sit on different devices.
                         x = args[0] if args else kwargs["hidden_states"]
-                        inputs[j] = x.detach().clone() if keep_full_inputs else _tail(x, ends, input_positions).double()
+                        inputs[j] = to_cpu(x) if keep_full_inputs else to_cpu(_tail(x, ends, input_positions)).double()
 
                     handles.append(arch.layers[j].register_forward_pre_hook(pre, with_kwargs=True))
             for j in output_layers or []:
@@ -118,6 +127,12 @@ def forward(
                     outs[j] = output[0] if isinstance(output, tuple) else output
 
                 handles.append(module.register_forward_hook(post))
+            if logits and ends is not None:
+
+                def at_ends(_m, _a, output):
+                    return output[:, ends.to(output.device), :]
+
+                handles.append(arch.final_norm.register_forward_hook(at_ends))
             if stop_after is not None and stop_after + 1 < n:
                 # Registered last, so the block's own intervention hooks have already run.
                 handles.append(arch.layers[stop_after + 1].register_forward_pre_hook(_stop, with_kwargs=True))
@@ -137,9 +152,10 @@ def forward(
     if keep_full_inputs:
         rec.full_inputs = inputs  # type: ignore[assignment]
     if output_layers:
-        rec.outputs = torch.stack([_tail(outs[j], ends, 1)[:, 0, :] for j in output_layers], dim=1)
+        # Read now (after later in-place edits), each moved to the CPU before stacking.
+        rec.outputs = torch.stack([to_cpu(_tail(outs[j], ends, 1)[:, 0, :]) for j in output_layers], dim=1)
     if logits:
-        rec.logits = (result.logits[:, -1, :] if ends is None else result.logits[0]).detach()
+        rec.logits = to_cpu(result.logits[:, -1, :] if ends is None else result.logits[0])
     return rec
 
 
@@ -147,4 +163,5 @@ def _tail(x: torch.Tensor, ends: torch.Tensor | None, count: int) -> torch.Tenso
     """The last ``count`` positions of each prompt, ``[n_prompts, count, d]``."""
     if ends is None:
         return x[:, -count:, :]
-    return x[0, ends.unsqueeze(1) + torch.arange(1 - count, 1).unsqueeze(0), :]
+    index = ends.to(x.device).unsqueeze(1) + torch.arange(1 - count, 1, device=x.device).unsqueeze(0)
+    return x[0, index, :]

@@ -132,16 +132,21 @@ def _output_tensor(output) -> torch.Tensor:
 
 
 class _Cast:
-    """A float64 vector handed out in whatever dtype/device the activation has, cast once."""
+    """A float64 CPU vector handed out in whatever dtype and device the activation has, cast once per pair.
+
+    Layers of one model may sit on different devices (accelerate's device map), so the copy is
+    chosen by the tensor being edited, never by the model. The cast happens on the CPU before the
+    move (MPS has no float64).
+    """
 
     def __init__(self, v: torch.Tensor) -> None:
-        self.v = v
+        self.v = v.detach().to("cpu")
         self.cache: dict[tuple, torch.Tensor] = {}
 
     def like(self, x: torch.Tensor) -> torch.Tensor:
         key = (x.dtype, x.device)
         if key not in self.cache:
-            self.cache[key] = self.v.to(dtype=x.dtype, device=x.device)
+            self.cache[key] = self.v.to(dtype=x.dtype).to(device=x.device)
         return self.cache[key]
 
 

@@ -16,9 +16,16 @@ from pathlib import Path
 import torch
 
 from cosmic_bake.errors import CosmicBakeError, first_line
+from cosmic_bake.model.batching import is_out_of_memory
 from cosmic_bake.model.builtin import cache_dir, fetch_builtin
-
-_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16, "float64": torch.float64}
+from cosmic_bake.model.devices import (
+    DTYPES,
+    Placement,
+    compute_device,
+    from_pretrained_kwargs,
+    remove_with,
+    resolve_dtype,
+)
 
 
 @dataclass
@@ -52,13 +59,6 @@ class LoadedModel:
     source: ModelSource
     dtype: torch.dtype
     extra: dict = field(default_factory=dict)
-
-
-def parse_dtype(name: str) -> torch.dtype:
-    """``"float32"`` -> ``torch.float32``, with a clear error for anything else."""
-    if name not in _DTYPES:
-        raise CosmicBakeError(f"unknown dtype '{name}'", f"use one of {', '.join(_DTYPES)}")
-    return _DTYPES[name]
 
 
 def resolve(spec: str | os.PathLike) -> ModelSource:
@@ -163,7 +163,7 @@ def model_inputs(spec: str | os.PathLike | None) -> list[Path]:
     else:
         path = Path(text).expanduser()
     if path.is_file() and path.suffix.lower() == ".gguf":
-        return [path, *(dequantized_folder(path, dtype) for dtype in _DTYPES.values())]
+        return [path, *(dequantized_folder(path, dtype) for dtype in DTYPES.values())]
     if path.exists() or text.startswith("builtin:"):
         return [path]
     if text.count("/") == 1 and not text.startswith((".", "/", "~")) and not text.endswith(".gguf"):
@@ -215,36 +215,63 @@ def AutoTokenizer_from_gguf(path: Path):  # noqa: N802 - mirrors the transformer
     return AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
 
 
-def load_model(spec: str | os.PathLike, *, dtype: str | torch.dtype = "float32") -> LoadedModel:
-    """Load model and tokenizer; every failure becomes one :class:`CosmicBakeError` line."""
+def load_model(
+    spec: str | os.PathLike, *, dtype: str | torch.dtype = "float32", placement: Placement | None = None
+) -> LoadedModel:
+    """Load model and tokenizer; every failure becomes one :class:`CosmicBakeError` line.
+
+    ``placement`` (default: ``Placement()``, the best device present) puts the model on one device
+    or hands it to accelerate's dispatch (device map, memory budget, disk offload); ``dtype``
+    ``"auto"`` is bfloat16 on a GPU and float32 on the CPU. Without a GPU the default is the plain
+    CPU load.
+    """
     from transformers import AutoModelForCausalLM
 
-    torch_dtype = parse_dtype(dtype) if isinstance(dtype, str) else dtype
+    placement = placement or Placement()
+    torch_dtype = resolve_dtype(dtype, compute_device(placement))
     source = resolve(spec)
     if source.kind == "gguf" and os.environ.get("COSMIC_BAKE_NO_CACHE") != "1":
         cached_gguf_folder(source, torch_dtype)
+    place = from_pretrained_kwargs(placement)
+    if source.kind == "gguf" and source.extra_folder is None and place:
+        raise CosmicBakeError(
+            "a GGUF model read without the cache (COSMIC_BAKE_NO_CACHE=1) loads on the CPU only",
+            "unset COSMIC_BAKE_NO_CACHE, or use --device cpu",
+        )
     tokenizer = load_tokenizer(source)
     logging.getLogger("transformers").setLevel(logging.ERROR)
     try:
         if source.extra_folder is not None:
-            model = AutoModelForCausalLM.from_pretrained(str(source.extra_folder), dtype=torch_dtype).eval()
+            model = AutoModelForCausalLM.from_pretrained(str(source.extra_folder), dtype=torch_dtype, **place).eval()
         elif source.kind == "gguf":
             model = _plain_from_gguf(source.path, torch_dtype)
         elif source.kind == "folder":
-            model = AutoModelForCausalLM.from_pretrained(str(source.path), dtype=torch_dtype).eval()
+            model = AutoModelForCausalLM.from_pretrained(str(source.path), dtype=torch_dtype, **place).eval()
         else:
             model = AutoModelForCausalLM.from_pretrained(
-                source.hub_id, revision=source.revision, dtype=torch_dtype
+                source.hub_id, revision=source.revision, dtype=torch_dtype, **place
             ).eval()
     except CosmicBakeError:
         raise
     except Exception as err:  # noqa: BLE001
+        if is_out_of_memory(err):
+            raise CosmicBakeError(
+                f"model {source.spec} does not fit on {compute_device(placement)}: {first_line(err)}",
+                "use --device-map auto (with --max-memory and --offload-folder), or --dtype bfloat16",
+            ) from err
         raise CosmicBakeError(
             f"could not load model {source.spec}: {first_line(err)}",
             "check the file is a complete causal-LM checkpoint (re-download a truncated file)",
         ) from err
+    remove_with(model, place.get("offload_folder"))
     model.requires_grad_(False)
-    return LoadedModel(model, tokenizer, source, torch_dtype)
+    return LoadedModel(model, tokenizer, source, torch_dtype, extra={"placement": placement, **_device_map(model)})
+
+
+def _device_map(model: torch.nn.Module) -> dict:
+    """``{"device_map": {module: device}}`` as accelerate placed the model (nothing for a one-device load)."""
+    placed = getattr(model, "hf_device_map", None)
+    return {"device_map": dict(placed)} if placed else {}
 
 
 def source_folder(spec: str):

@@ -18,6 +18,7 @@ from cosmic_bake.errors import CosmicBakeError
 if TYPE_CHECKING:
     from cosmic_bake.model.architecture import Architecture
     from cosmic_bake.model.chat import ChatFormat
+    from cosmic_bake.model.devices import Placement
     from cosmic_bake.model.loading import LoadedModel
 
 LLAMACPP_EVAL_CTX = 2048  # prompt + new tokens per sequence in llama.cpp eval
@@ -29,7 +30,7 @@ class Session:
     def __init__(self, pin: Iterable[str] = (), echo: Callable[[str], None] | None = None) -> None:
         self.pinned = set(pin)
         self.echo = echo or (lambda _message: None)
-        self._models: dict[tuple[str, str], tuple[LoadedModel, Architecture]] = {}
+        self._models: dict[tuple[str, str, Placement | None], tuple[LoadedModel, Architecture]] = {}
 
     def __enter__(self) -> Session:
         return self
@@ -42,24 +43,30 @@ class Session:
         self._models.clear()
 
     def load(
-        self, spec: str, dtype: str = "float32", chat_template: str | None = None, system_prompt: str | None = None
+        self,
+        spec: str,
+        dtype: str = "float32",
+        chat_template: str | None = None,
+        system_prompt: str | None = None,
+        placement: Placement | None = None,
     ) -> tuple[LoadedModel, Architecture, ChatFormat]:
         """``(LoadedModel, Architecture, ChatFormat)`` for a Hub id, folder, .gguf file or builtin name.
 
         ``chat_template`` is a Jinja template or a format string (or a file holding one);
         ``system_prompt`` (text) replaces the template's default system prompt. The chat format is
-        built per call, so steps with different templates share one loaded model.
+        built per call, so steps with different templates share one loaded model. ``placement``
+        (device, or accelerate's device map / offload) is part of what a kept model is found by.
         """
         from cosmic_bake.model.architecture import probe
         from cosmic_bake.model.chat import ChatFormat, read_template_option
         from cosmic_bake.model.loading import load_model
 
-        key = (str(spec), dtype)
+        key = (str(spec), dtype, placement)
         if key in self._models:
             lm, arch = self._models[key]
         else:
             t = time.perf_counter()
-            lm = load_model(spec, dtype=dtype)
+            lm = load_model(spec, dtype=dtype, placement=placement)
             arch = probe(lm.model)
             self.echo(
                 f"loaded {spec} ({arch.model_type}, {arch.n_layers} layers, d={arch.d_model}, "
@@ -77,6 +84,7 @@ class Session:
         dtype: str = "float32",
         chat_template: str | None = None,
         system_prompt: str | None = None,
+        placement: Placement | None = None,
     ):
         """(model, arch, fmt): a transformers model with its probe, or a llama.cpp model (arch None).
 
@@ -87,7 +95,7 @@ class Session:
         source = resolve(spec)
         use_llamacpp = runtime == "llama.cpp" or (runtime == "auto" and source.kind == "gguf" and kind == "none")
         if not use_llamacpp:
-            lm, arch, fmt = self.load(spec, dtype, chat_template, system_prompt)
+            lm, arch, fmt = self.load(spec, dtype, chat_template, system_prompt, placement)
             return lm.model, arch, fmt
         if source.kind != "gguf":
             raise CosmicBakeError(f"--runtime llama.cpp needs a .gguf model, not {spec}", "pass a GGUF file")

@@ -8,6 +8,7 @@ from collections.abc import Iterable
 from typing import TYPE_CHECKING
 
 from cosmic_bake.artifacts import DIRECTION_FILE, SELECTION_FILE, Direction, model_hash, source_record
+from cosmic_bake.model.devices import input_device
 from cosmic_bake.outputs import TOOL, atomic_dir, manifest, write_json
 from cosmic_bake.plots import plot_layer_similarities, plot_score_grids
 from cosmic_bake.select.selection import Selection, select_sets
@@ -37,6 +38,7 @@ def selection_record(sel: Selection) -> dict:
         "prompt_counts": sel.counts,
         "timings": sel.timings,
         "kl_computed": {"candidates": sel.grid.n_kl, "of": sel.grid.kl.numel()},
+        "batch_size": sel.batch_size,
         "candidates": sel.rows(),
     }
 
@@ -98,7 +100,7 @@ def run_select(
             alphas=list(s.alphas),
             harmful=sets["harmful val"],
             harmless=sets["harmless val"],
-            batch_size=min(s.batch_size, 16),
+            batch_size=sel.batch_size if input_device(lm.model).type != "cpu" else min(sel.batch_size, 16),
             max_harmless_refusal=s.max_harmless_refusal,
         )
         if swept.chosen is not None:

@@ -11,6 +11,7 @@ import torch
 from cosmic_bake.errors import CosmicBakeError
 from cosmic_bake.math import scores as S
 from cosmic_bake.model.architecture import Architecture
+from cosmic_bake.model.batching import with_backoff
 from cosmic_bake.model.chat import ChatFormat
 from cosmic_bake.select.candidates import MODES, SELECTORS, Batches, Candidates, collect_candidates
 from cosmic_bake.select.scoring import ScoreGrid, filter_refusal, score_cosmic, score_refusal
@@ -31,6 +32,7 @@ class Selection:
     timings: dict[str, float] = field(default_factory=dict)
     counts: dict[str, int] = field(default_factory=dict)
     direction_method: str = "mean"
+    batch_size: int = 0  # prompts per batch that fit (after any out-of-memory back-off)
 
     @property
     def direction(self) -> torch.Tensor:
@@ -125,6 +127,9 @@ def select(
     ``all_scores=False`` computes a candidate's KL (a whole-model pass) only while it can change
     the choice (:func:`~cosmic_bake.math.scores.choose_visiting`): same choice, same scores where
     computed; ``True`` computes every KL, for the full table and plots.
+    ``batch_size`` is the first size tried: a stage that runs out of accelerator memory is run
+    again with half the batch (:func:`~cosmic_bake.model.batching.with_backoff`), and scoring
+    starts from the size candidate collection settled on.
     """
     if mode not in MODES:
         raise CosmicBakeError(f"unknown mode '{mode}'", f"use one of {', '.join(MODES)}")
@@ -142,22 +147,36 @@ def select(
         )
     }
     timings["tokenize"] = time.perf_counter() - t
+
+    def batched(name: str, size: int) -> Batches:
+        return sets[name] if size == batch_size else Batches.make(fmt, sets[name].prompts, size, packed)
+
     t = time.perf_counter()
-    cands = candidates
+    cands, size = candidates, batch_size
     if cands is None:
-        cands = collect_candidates(model, arch, fmt, sets["harmful_train"], sets["harmless_train"], direction_method)
+        cands, size = with_backoff(
+            lambda n: collect_candidates(
+                model, arch, fmt, batched("harmful_train", n), batched("harmless_train", n), direction_method
+            ),
+            batch_size,
+        )
     timings["candidates"] = time.perf_counter() - t
     layers = S.resolve_eval_layers(eval_layers, cands.similarities)
     t = time.perf_counter()
-    val = (sets["harmful_val"], sets["harmless_val"])
+
+    def score(n: int):
+        val = batched("harmful_val", n), batched("harmless_val", n)
+        if selector == "cosmic":
+            return score_cosmic(model, arch, cands, *val, layers, mode, all_scores)
+        return score_refusal(model, arch, fmt.tokenizer, cands, *val, mode, all_scores)
+
+    grid, size = with_backoff(score, size)
     if selector == "cosmic":
-        grid = score_cosmic(model, arch, cands, *val, layers, mode, all_scores)
         total = grid.first + grid.second
 
         def filters(kl: torch.Tensor) -> list[list[S.Verdict]]:
             return S.filter_candidates(grid.first, grid.second, kl, kl_threshold=kl_threshold)
     else:
-        grid = score_refusal(model, arch, fmt.tokenizer, cands, *val, mode, all_scores)
         total = -grid.first
 
         def filters(kl: torch.Tensor) -> list[list[S.Verdict]]:
@@ -189,6 +208,7 @@ def select(
         timings=timings,
         counts={k: len(v.prompts) for k, v in sets.items()},
         direction_method=direction_method,
+        batch_size=size,
     )
 
 
@@ -198,8 +218,12 @@ def select_sets(
     """:func:`select` on the four prompt sets of ``prompt_sets`` with the selection settings ``s``.
 
     ``s`` carries ``batch_size``, ``kl_threshold``, ``eval_layers`` and ``direction_method`` (a
-    ``SelectSettings`` or ``CompareSettings``); ``kw`` passes ``candidates`` through.
+    ``SelectSettings`` or ``CompareSettings``); ``kw`` passes ``candidates`` through. A
+    ``batch_size`` of ``"auto"`` starts at 128 on an accelerator and 32 on the CPU.
     """
+    from cosmic_bake.model.batching import resolve_batch_size
+    from cosmic_bake.model.devices import input_device
+
     return select(
         model,
         arch,
@@ -210,7 +234,7 @@ def select_sets(
         harmless_val=sets["harmless val"],
         mode=mode,
         selector=selector,
-        batch_size=s.batch_size,
+        batch_size=resolve_batch_size(s.batch_size, input_device(model), 32),
         kl_threshold=s.kl_threshold,
         eval_layers=s.eval_layers,
         direction_method=s.direction_method,

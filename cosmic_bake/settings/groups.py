@@ -27,7 +27,7 @@ BASE_MODEL_HELP = (
     "Hub id of the model this edit derives from, for the card's base_model and the GGUF's base-model keys "
     "(default: the source's Hub id or a GGUF's own keys; none is guessed)."
 )
-DTYPES = ("float32", "bfloat16", "float16")
+DTYPES = ("auto", "float32", "bfloat16", "float16")
 # GGUF type names (checked against export.ggml_quant by the tests; kept here so settings never import gguf)
 OUTTYPES = "f32 f16 bf16 q8_0 q4_0 q4_1 q5_0 q5_1 q2_k q3_k_s q3_k_m q3_k_l q4_k_s q4_k_m q5_k_s q5_k_m q6_k".split()
 EDITED_TYPES = ("f32", "f16", "bf16", "q8_0", "q6_k", "q5_k", "q5_0", "q5_1", "q4_k", "q4_0", "q4_1")
@@ -87,14 +87,37 @@ class Recording(Settings):
 
 
 @dataclass(frozen=True, kw_only=True)
-class LoadOptions(Settings):
+class PlacementOptions(Settings):
+    """Where a model's layers go (:class:`~cosmic_bake.model.devices.Placement`; accelerate dispatches maps)."""
+
+    device: str = opt(
+        "auto", "auto (CUDA, then MPS, then CPU) | cpu | cuda | cuda:N | mps: the whole model on one device."
+    )
+    device_map: str | None = opt(
+        None,
+        "Spread the model with accelerate: auto | balanced | sequential | FILE.json (module -> device, cpu or disk).",
+    )
+    max_memory: str | None = opt(None, "Memory budget per device for --device-map, e.g. 0=70GiB,1=70GiB,cpu=200GiB.")
+    offload_folder: str | None = opt(None, "Where accelerate may offload weights to disk (implies --device-map auto).")
+
+    def placement(self):
+        """The :class:`~cosmic_bake.model.devices.Placement` these options describe."""
+        from cosmic_bake.model.devices import Placement
+
+        return Placement(**self.group(PlacementOptions))
+
+
+@dataclass(frozen=True, kw_only=True)
+class LoadOptions(PlacementOptions):
     """How a model is loaded and prompted for hooks (every command that runs a model)."""
 
     chat_template: str | None = opt(
         None, "Jinja template or format string with {instruction} (FILE or STRING).", inputs="file"
     )
     system_prompt: str | None = opt(None, SYSTEM_PROMPT_HELP, parse=read_system_prompt, inputs="file")
-    dtype: str = opt("float32", choices=DTYPES)
+    dtype: str = opt(
+        "auto", "auto: bfloat16 on a GPU, float32 on the CPU (scores accumulate in float64).", choices=DTYPES
+    )
     batch_size: int = opt(32, min=1, max=4096)
 
 

@@ -15,7 +15,9 @@ import torch
 
 from cosmic_bake.math.scores import kl_divergence
 from cosmic_bake.model.architecture import Architecture
+from cosmic_bake.model.batching import resolve_batch_size, with_backoff
 from cosmic_bake.model.chat import ChatFormat
+from cosmic_bake.model.devices import input_device, to_device
 from cosmic_bake.model.hooks import Intervention, intervene
 from cosmic_bake.progress import progress
 
@@ -66,19 +68,33 @@ def generate(
     prompts: list[str],
     *,
     max_new_tokens: int = 64,
-    batch_size: int = 16,
+    batch_size: int | str = 16,
     desc: str = "generating",
 ) -> Completions:
-    """Greedy completions in left-padded batches (stops at EOS); one prompt at a time in llama.cpp."""
+    """Greedy completions in left-padded batches (stops at EOS); one prompt at a time in llama.cpp.
+
+    ``batch_size`` ``"auto"`` starts large on a GPU; out of memory halves it (all of ``prompts`` again).
+    """
     if _is_llamacpp(model):
         return _generate_llamacpp(model, fmt, prompts, max_new_tokens, desc)
+    start = resolve_batch_size(batch_size, input_device(model), 16)
+    done, _ = with_backoff(
+        lambda n: _generate(model, fmt, prompts, max_new_tokens, n, desc), start, what="generation batch"
+    )
+    return done
+
+
+def _generate(
+    model, fmt: ChatFormat, prompts: list[str], max_new_tokens: int, batch_size: int, desc: str
+) -> Completions:
     tok = fmt.tokenizer
+    device = input_device(model)
     responses: list[str] = []
     n_new = 0
     t = time.perf_counter()
     batches = [prompts[i : i + batch_size] for i in range(0, len(prompts), batch_size)]
     for chunk in progress(batches, desc):
-        enc = fmt.encode(chunk)
+        enc = to_device(fmt.encode(chunk), device)
         with torch.no_grad():
             out = model.generate(
                 **enc,
@@ -89,7 +105,7 @@ def generate(
                 top_p=None,
                 top_k=None,
             )
-        new = out[:, enc["input_ids"].shape[1] :]
+        new = out[:, enc["input_ids"].shape[1] :].to("cpu")
         for row in new:
             keep = row[row != tok.pad_token_id] if tok.pad_token_id is not None else row
             n_new += int(keep.numel())
@@ -121,16 +137,21 @@ def _generate_llamacpp(model, fmt: ChatFormat, prompts: list[str], max_new_token
     return Completions(prompts, responses, n_new, time.perf_counter() - t)
 
 
-def first_token_logits(model, fmt: ChatFormat, prompts: list[str], batch_size: int = 16) -> torch.Tensor:
-    """Next-token logits at the end of each prompt, ``[n, vocab]`` float32."""
+def first_token_logits(model, fmt: ChatFormat, prompts: list[str], batch_size: int | str = 16) -> torch.Tensor:
+    """Next-token logits at the end of each prompt, ``[n, vocab]`` float32 on the CPU."""
     if _is_llamacpp(model):
         return torch.stack([torch.from_numpy(model.last_logits(_prompt_ids(fmt, p))) for p in prompts])
-    rows = []
-    for i in range(0, len(prompts), batch_size):
-        enc = fmt.encode(prompts[i : i + batch_size])
-        with torch.no_grad():
-            rows.append(model(**enc, use_cache=False, logits_to_keep=1).logits[:, -1, :].float())
-    return torch.cat(rows)
+    device = input_device(model)
+
+    def run(size: int) -> torch.Tensor:
+        rows = []
+        for i in range(0, len(prompts), size):
+            enc = to_device(fmt.encode(prompts[i : i + size]), device)
+            with torch.no_grad():
+                rows.append(model(**enc, use_cache=False, logits_to_keep=1).logits[:, -1, :].float().to("cpu"))
+        return torch.cat(rows)
+
+    return with_backoff(run, resolve_batch_size(batch_size, device, 16), what="batch")[0]
 
 
 @dataclass
@@ -162,7 +183,7 @@ def evaluate(
     harmless: list[str],
     intervention: Intervention | None = None,
     max_new_tokens: int = 64,
-    batch_size: int = 16,
+    batch_size: int | str = 16,
     judge: Judge | None = None,
     base_logits: torch.Tensor | None = None,
 ) -> EvalReport:

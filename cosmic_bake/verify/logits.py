@@ -22,6 +22,7 @@ import torch
 from cosmic_bake.artifacts import Direction
 from cosmic_bake.errors import CosmicBakeError
 from cosmic_bake.model.architecture import Architecture
+from cosmic_bake.model.devices import input_device, to_device
 from cosmic_bake.model.hooks import Intervention, intervene
 from cosmic_bake.verify.tolerances import GGUF_TOLERANCES, coarser, tolerances_for, weight_class
 
@@ -221,9 +222,9 @@ def verify(
         batch = fmt.encode(prompts[start : start + batch_size])
         real = batch["attention_mask"].bool()
         with intervene(arch, iv):
-            hooked = original_model(**batch, use_cache=False).logits[real]
-        totals.add(hooked, baked_model(**batch, use_cache=False).logits[real])
-        unedited.add(hooked, original_model(**batch, use_cache=False).logits[real])
+            hooked = _real_logits(original_model, batch, real)
+        totals.add(hooked, _real_logits(baked_model, batch, real))
+        unedited.add(hooked, _real_logits(original_model, batch, real))
     computed = _dtype_name(baked_model)
     dtype = coarser(computed, stored)
     max_kl_tol, top1_tol = tolerances_for(dtype)
@@ -238,6 +239,12 @@ def verify(
         stored_dtype=stored,
         unedited_reference={"kind": "original model without the hook", "dtype": computed},
     )
+
+
+def _real_logits(model: torch.nn.Module, batch: dict, real: torch.Tensor) -> torch.Tensor:
+    """Logits at the real (non-pad) positions, on the CPU: inputs go where the model's embedding computes."""
+    logits = model(**to_device(batch, input_device(model)), use_cache=False).logits
+    return logits[real.to(logits.device)].to("cpu")
 
 
 def _ids(fmt, prompt: str) -> torch.Tensor:
@@ -279,13 +286,14 @@ def verify_gguf(
     for prompt in prompts:
         ids = _ids(fmt, prompt)
         tokens = ids[0].tolist()
+        every = torch.ones_like(ids, dtype=torch.bool)
         with intervene(arch, *ivs):
-            hooked = original_model(input_ids=ids, use_cache=False).logits[0]
+            hooked = _real_logits(original_model, {"input_ids": ids}, every)
         totals.add(hooked, torch.from_numpy(baked.logits(tokens)))
         if unedited is not None:
             reference = torch.from_numpy(unedited.logits(tokens))
             plain.add(hooked, reference)
-            floor.add(original_model(input_ids=ids, use_cache=False).logits[0] if ivs else hooked, reference)
+            floor.add(_real_logits(original_model, {"input_ids": ids}, every) if ivs else hooked, reference)
     cls = weight_class(baked.path)
     mean_tol, top1_tol = GGUF_TOLERANCES[cls]
     unedited_kl = plain.mean_kl if unedited is not None and ivs else None

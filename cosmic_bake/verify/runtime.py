@@ -13,22 +13,30 @@ from cosmic_bake.errors import CosmicBakeError
 from cosmic_bake.model.session import Session
 
 
-def verify_logits(original, baked, d, texts, dtype, chat_template, system_prompt, batch_size, session=None):
-    """The logit comparison of :func:`verify`, by the baked output's kind."""
-    from cosmic_bake.verify.logits import verify as verify_models
+def verify_logits(
+    original, baked, d, texts, dtype, chat_template, system_prompt, batch_size, session=None, placement=None
+):
+    """The logit comparison of :func:`verify`, by the baked output's kind.
 
-    a, arch, fmt = (session or Session()).load(original, dtype, chat_template, system_prompt)
+    ``placement`` applies to both transformers models; ``batch_size`` ``"auto"`` starts at 128 on an
+    accelerator (8 on the CPU), and out of memory halves it.
+    """
+    from cosmic_bake.model.batching import resolve_batch_size
+    from cosmic_bake.model.devices import input_device
+
+    a, arch, fmt = (session or Session()).load(original, dtype, chat_template, system_prompt, placement=placement)
+    batch_size = resolve_batch_size(batch_size, input_device(a.model), 8)
     baked = Path(baked)
     if baked.is_dir() and (baked / "adapter_config.json").is_file():  # a LoRA folder: base + PEFT adapter
         from cosmic_bake.export.lora import check_peft
         from cosmic_bake.model.loading import load_model
 
-        base = load_model(original, dtype=dtype).model
+        base = load_model(original, dtype=dtype, placement=placement).model
         check_peft(base)  # before importing peft: an old one may not even import
         from peft import PeftModel
 
         adapted = PeftModel.from_pretrained(base, str(baked)).eval()
-        return verify_models(a.model, arch, adapted, d, texts, fmt, batch_size)
+        return _compare(a.model, arch, adapted, d, texts, fmt, batch_size)
     if baked.suffix.lower() == ".gguf":
         if _is_adapter(baked):  # llama.cpp LoRA on the base GGUF
             if a.source.kind != "gguf":
@@ -41,8 +49,17 @@ def verify_logits(original, baked, d, texts, dtype, chat_template, system_prompt
     from cosmic_bake.model.loading import load_model
     from cosmic_bake.verify.tolerances import stored_dtype
 
-    b = load_model(str(baked), dtype=dtype)
-    return verify_models(a.model, arch, b.model, d, texts, fmt, batch_size, stored=stored_dtype(baked))
+    b = load_model(str(baked), dtype=dtype, placement=placement)
+    return _compare(a.model, arch, b.model, d, texts, fmt, batch_size, stored=stored_dtype(baked))
+
+
+def _compare(original_model, arch, baked_model, d, texts, fmt, batch_size: int, **kw):
+    """:func:`cosmic_bake.verify.logits.verify`, run again with half the batch on out-of-memory."""
+    from cosmic_bake.model.batching import with_backoff
+    from cosmic_bake.verify.logits import verify as verify_models
+
+    run = lambda n: verify_models(original_model, arch, baked_model, d, texts, fmt, n, **kw)  # noqa: E731
+    return with_backoff(run, batch_size)[0]
 
 
 def _is_adapter(path: Path) -> bool:
