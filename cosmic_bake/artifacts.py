@@ -18,8 +18,9 @@ from safetensors.torch import load_file, save_file
 
 from cosmic_bake import __version__
 from cosmic_bake.errors import CosmicBakeError
+from cosmic_bake.file_hashes import file_sha256
 from cosmic_bake.model.hooks import BAKED_MODES
-from cosmic_bake.outputs import read_json, sha256_bytes, sha256_file
+from cosmic_bake.outputs import read_json, sha256_bytes
 
 DIRECTION_FILE = "direction.safetensors"
 SELECTION_FILE = "selection.json"
@@ -143,7 +144,7 @@ def source_record(source, record_paths: bool = False) -> dict:
     if source.hub_id:
         rec.update(hub_id=source.hub_id, revision=source.revision)
     files = source.files
-    rec["files"] = {p.name: sha256_file(p) for p in files}
+    rec["files"] = {p.name: file_sha256(p) for p in files}  # read once per machine (file_hashes)
     rec["sizes"] = {p.name: p.stat().st_size for p in files}
     if record_paths:
         rec["spec"] = source.spec

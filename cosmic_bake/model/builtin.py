@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from cosmic_bake.errors import CosmicBakeError
+from cosmic_bake.file_hashes import file_sha256, remember
 from cosmic_bake.outputs import sha256_file
 
 
@@ -86,7 +87,7 @@ def fetch_builtin(name: str) -> Path:
         raise CosmicBakeError(f"unknown builtin model '{name}'", f"choose one of: {', '.join(sorted(BUILTIN_MODELS))}")
     spec = BUILTIN_MODELS[name]
     target = cache_dir() / spec.filename
-    if target.is_file() and sha256_file(target) == spec.sha256:
+    if target.is_file() and file_sha256(target) == spec.sha256:  # read once per machine, then cached
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
     part = target.with_suffix(target.suffix + ".part")
@@ -112,4 +113,5 @@ def fetch_builtin(name: str) -> Path:
         part.unlink(missing_ok=True)
         raise CosmicBakeError(f"checksum mismatch for builtin model '{name}'", "run the command again")
     part.replace(target)
+    remember(target, spec.sha256)
     return target
