@@ -77,6 +77,28 @@ def test_run_recipe_end_to_end_then_resume(tiny_model_factory, tmp_path):
     assert steps["select"] == steps["bake-hf"] == "reused" and steps["verify-hf"] == "ran"
 
 
+def test_run_loads_the_recipe_model_once(tiny_model_factory, tmp_path, monkeypatch):
+    """select, verify (original side) and the evaluations share one loaded source model."""
+    import cosmic_bake.model.loading as loading
+
+    model = tiny_model_factory("llama", num_layers=4)
+    loads: list[str] = []
+    real = loading.load_model
+
+    def counted(spec, *args, **kwargs):
+        loads.append(str(spec))
+        return real(spec, *args, **kwargs)
+
+    monkeypatch.setattr(loading, "load_model", counted)
+    out = tmp_path / "out"
+    result = _run(["run", str(_recipe(tmp_path, model)), "-o", str(out)])
+    assert result.exit_code == 0, result.output[-3000:] + repr(result.exception)
+    # 8 steps: select, verify-hf and verify-gguf (original side), eval-unedited, eval-hf and
+    # eval-gguf (--kl-against the source) all read the source; it is loaded once
+    assert loads.count(str(model)) == 1, loads
+    assert loads.count(str(out / "model")) == 2  # the hf export: its verify and its eval, each freed after
+
+
 @pytest.mark.parametrize(
     ("body", "expect"),
     [
