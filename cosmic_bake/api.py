@@ -46,13 +46,25 @@ Paths = Iterable[str | os.PathLike]
 
 
 def _settings(cls: type[S], named: dict[str, Any], options: dict[str, Any]) -> S:
-    """The call's settings: a ready ``cls`` instance passed first, or one built from the arguments."""
+    """The call's settings: a ready ``cls`` instance passed first, or one built from the arguments.
+
+    A ``placement`` (:class:`~cosmic_bake.model.devices.Placement`) among the options stands for
+    its four fields (``device``, ``device_map``, ``max_memory``, ``offload_folder``).
+    """
+    placement = options.pop("placement", None)
+    if placement is not None:
+        options = {**vars(placement), **options}
     first = next(iter(named.values()))
     if isinstance(first, cls):
         if options or any(v is not None for v in list(named.values())[1:]):
             raise TypeError(f"pass a {cls.__name__} or options, not both")
         return first
     return cls.build(**named, **options)
+
+
+def _load(session: Session | None, s):
+    """The model of ``s`` (its loading and placement options) through ``session``, or a fresh one."""
+    return (session or Session()).load(s.model, s.dtype, s.chat_template, s.system_prompt, placement=s.placement())
 
 
 def _inputs(s: Settings, extra: Paths) -> list:
@@ -79,15 +91,7 @@ def load(
     return Session().load(model, dtype, chat_template, system_prompt, placement=placement)
 
 
-def select(
-    model: Any = None,
-    output: Any = None,
-    *,
-    session: Session | None = None,
-    inputs: Paths = (),
-    placement: Placement | None = None,
-    **options,
-):
+def select(model: Any = None, output: Any = None, *, session: Session | None = None, inputs: Paths = (), **options):
     """Choose a direction with COSMIC (or the refusal-score baseline) and write the run folder ``output``.
 
     Options are :class:`~cosmic_bake.settings.SelectSettings`' fields. Returns the run folder; its
@@ -103,9 +107,7 @@ def select(
     paths = _inputs(s, inputs)
     check_target(s.output, force=s.force, inputs=paths)
     sets = s.prompt_sets()  # read before loading: a bad prompt file fails in seconds
-    lm, arch, fmt = (session or Session()).load(
-        s.model, s.dtype, s.chat_template, s.system_prompt, placement=placement or s.placement()
-    )
+    lm, arch, fmt = _load(session, s)
     run_select(lm, arch, fmt, sets, s, paths)
     return s.output
 
@@ -113,16 +115,7 @@ def select(
 GGUF_ONLY = ("outtype", "edited_type", "edited_type_always")  # bake options only the GGUF writer takes
 
 
-def bake(
-    model=None,
-    direction=None,
-    output=None,
-    *,
-    session: Session | None = None,
-    inputs: Paths = (),
-    placement: Placement | None = None,
-    **options,
-):
+def bake(model=None, direction=None, output=None, *, session: Session | None = None, inputs: Paths = (), **options):
     """Bake ``direction`` (a run folder) into ``model``; write a folder (``hf``), a ``.gguf`` file or LoRA adapters.
 
     Options are :class:`~cosmic_bake.settings.BakeSettings`' fields (``format``, ``embeddings``,
@@ -133,6 +126,7 @@ def bake(
     """
     from cosmic_bake.outputs import check_target
 
+    placement = options.pop("placement", None)  # where a LoRA export loads the base (see export_lora)
     s = _settings(BakeSettings, {"model": model, "direction": direction, "output": output}, options)
     if s.format == "lora":
         return export_lora(s, session=session, inputs=inputs, placement=placement)
@@ -168,7 +162,6 @@ def export_lora(
     gguf: bool | None = None,
     session: Session | None = None,
     inputs: Paths = (),
-    placement: Placement | None = None,
     **options,
 ) -> dict:
     """Write the removal edit as LoRA adapters: a PEFT folder (and ``adapter.gguf`` for llama.cpp).
@@ -181,6 +174,7 @@ def export_lora(
     from cosmic_bake.export import lora
     from cosmic_bake.outputs import check_target
 
+    placement = options.pop("placement", None)  # the base loads here; the edit itself is device-free
     if not isinstance(model, BakeSettings):
         options = {"format": "lora", "gguf_adapter": gguf, **options}
     s = _settings(BakeSettings, {"model": model, "direction": direction, "output": output}, options)
@@ -210,16 +204,7 @@ def export_lora(
     )
 
 
-def verify(
-    original=None,
-    baked=None,
-    direction=None,
-    *,
-    session: Session | None = None,
-    inputs: Paths = (),
-    placement: Placement | None = None,
-    **options,
-):
+def verify(original=None, baked=None, direction=None, *, session: Session | None = None, inputs: Paths = (), **options):
     """Compare ``baked`` (a folder, or a .gguf run in llama.cpp) with ``original`` + the hook it equals.
 
     The hook is that of the mode and alpha recorded in the baked output. Returns a
@@ -248,7 +233,7 @@ def verify(
         s.system_prompt,
         s.batch_size,
         session,
-        placement or s.placement(),
+        s.placement(),
     )
     report = add_weight_check(report, weight_check(s.original, s.baked, d))
     if s.output is not None:
@@ -268,14 +253,7 @@ def baked_direction(direction: str | os.PathLike, baked: str | os.PathLike):
     return d if recorded is None else d.with_mode(*recorded)
 
 
-def evaluate(
-    model: Any = None,
-    *,
-    session: Session | None = None,
-    inputs: Paths = (),
-    placement: Placement | None = None,
-    **options,
-):
+def evaluate(model: Any = None, *, session: Session | None = None, inputs: Paths = (), **options):
     """Refusal rates on harmful and harmless prompts, and harmless first-token KL.
 
     KL is against the same model without the hook, or against ``kl_against`` (for a baked model).
@@ -284,7 +262,7 @@ def evaluate(
     """
     from cosmic_bake.outputs import check_target, write_report
     from cosmic_bake.verify.evaluate import evaluate as evaluate_model
-    from cosmic_bake.verify.evaluate import first_token_logits
+    from cosmic_bake.verify.evaluate import first_token_logits, intervention_of
 
     s = _settings(EvalSettings, {"model": model}, options)
     session = session or Session()
@@ -295,19 +273,17 @@ def evaluate(
     load = (s.dtype, s.chat_template, s.system_prompt)
     base_logits = None
     if s.kl_against is not None:
-        ref, _, ref_fmt = session.load_for_eval(
-            s.kl_against, s.runtime, "none", *load, placement=placement or s.placement()
-        )
+        ref, _, ref_fmt = session.load_for_eval(s.kl_against, s.runtime, "none", *load, placement=s.placement())
         base_logits = first_token_logits(ref, ref_fmt, good, _eval_batch(s.batch_size))
         del ref
-    lm, arch, fmt = session.load_for_eval(s.model, s.runtime, s.kind, *load, placement=placement or s.placement())
+    lm, arch, fmt = session.load_for_eval(s.model, s.runtime, s.kind, *load, placement=s.placement())
     rep = evaluate_model(
         lm,
         arch,
         fmt,
         harmful=bad,
         harmless=good,
-        intervention=_intervention(s),
+        intervention=intervention_of(s.kind, s.direction, s.alpha),
         max_new_tokens=s.max_new_tokens,
         batch_size=_eval_batch(s.batch_size),
         base_logits=base_logits,
@@ -326,34 +302,7 @@ def _eval_batch(batch_size: int | str) -> int | str:
     return batch_size if batch_size == "auto" else min(batch_size, 32)
 
 
-def _intervention(s: EvalSettings):
-    """The hook ``eval`` applies (None for ``none``), with the artifact's alpha unless one is given."""
-    from cosmic_bake.artifacts import Direction
-    from cosmic_bake.model.hooks import Intervention
-
-    if s.kind == "none":
-        return None
-    d = Direction.load(s.direction)
-    a, one = (d.alpha if s.alpha is None else s.alpha), (1.0 if s.alpha is None else s.alpha)
-    return {
-        "remove": lambda: Intervention.remove(d.direction),
-        "add": lambda: Intervention.add(d.direction, d.layer, one),
-        "affine": lambda: Intervention.affine(d.direction, d.reference, d.layer, a),
-        "pin": lambda: Intervention.pin(d.direction, d.reference, d.layer, a),
-        "scale": lambda: Intervention.scale(d.direction, d.reference, d.layer, one),
-    }[s.kind]()
-
-
-def sweep(
-    model=None,
-    direction=None,
-    output=None,
-    *,
-    session: Session | None = None,
-    inputs: Paths = (),
-    placement: Placement | None = None,
-    **options,
-):
+def sweep(model=None, direction=None, output=None, *, session: Session | None = None, inputs: Paths = (), **options):
     """Evaluate the baked form of a steering edit at each alpha; pick the safest within the harmless cap.
 
     Options are :class:`~cosmic_bake.settings.SweepSettings`' fields. Writes ``output`` (sweep.json,
@@ -369,9 +318,7 @@ def sweep(
     check_target(s.output, force=s.force, inputs=paths)
     d = Direction.load(s.direction)
     bad, good = s.eval_prompts()
-    lm, arch, fmt = (session or Session()).load(
-        s.model, s.dtype, s.chat_template, s.system_prompt, placement=placement or s.placement()
-    )
+    lm, arch, fmt = _load(session, s)
     result = sweep_alphas(
         lm.model,
         arch,
@@ -393,15 +340,7 @@ def sweep(
     return result
 
 
-def compare(
-    model: Any = None,
-    output: Any = None,
-    *,
-    session: Session | None = None,
-    inputs: Paths = (),
-    placement: Placement | None = None,
-    **options,
-):
+def compare(model: Any = None, output: Any = None, *, session: Session | None = None, inputs: Paths = (), **options):
     """Run COSMIC and the refusal-score selector on the same prompts and compare their directions.
 
     Options are :class:`~cosmic_bake.settings.CompareSettings`' fields. Writes ``output``
@@ -420,9 +359,7 @@ def compare(
     sets = s.prompt_sets()
     bad = load_prompts(s.eval_harmful, s.column, limit=s.limit_eval_harmful)
     good = load_prompts(s.eval_harmless, s.column, limit=s.limit_eval_harmless)
-    lm, arch, fmt = (session or Session()).load(
-        s.model, s.dtype, s.chat_template, s.system_prompt, placement=placement or s.placement()
-    )
+    lm, arch, fmt = _load(session, s)
     result = compare_selectors(lm, arch, fmt, sets, s, eval_harmful=bad, eval_harmless=good)
     with atomic_dir(s.output, force=s.force, inputs=paths) as tmp:
         write_comparison(result, tmp, compare_title(s))

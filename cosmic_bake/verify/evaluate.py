@@ -225,3 +225,23 @@ def evaluate(
             ],
         },
     )
+
+
+def intervention_of(kind: str, run_dir, alpha: float | None = None) -> Intervention | None:
+    """The hook ``eval --intervention KIND`` applies (None for ``none``).
+
+    ``alpha`` None takes the artifact's alpha for affine / pin and 1 for add / scale.
+    """
+    from cosmic_bake.artifacts import Direction
+
+    if kind == "none":
+        return None
+    d = Direction.load(run_dir)
+    a, one = (d.alpha if alpha is None else alpha), (1.0 if alpha is None else alpha)
+    return {
+        "remove": lambda: Intervention.remove(d.direction),
+        "add": lambda: Intervention.add(d.direction, d.layer, one),
+        "affine": lambda: Intervention.affine(d.direction, d.reference, d.layer, a),
+        "pin": lambda: Intervention.pin(d.direction, d.reference, d.layer, a),
+        "scale": lambda: Intervention.scale(d.direction, d.reference, d.layer, one),
+    }[kind]()
