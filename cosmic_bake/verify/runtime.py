@@ -9,6 +9,8 @@ logits spooled to disk (:mod:`cosmic_bake.verify.passes`); then it is let go and
 loaded, one llama.cpp model open at a time. Standalone, the peak is one model plus a batch of
 logits, not the sum. A :class:`~cosmic_bake.model.session.Session` that pins the original (a
 recipe run) keeps it loaded anyway: that run peaks at the source plus one export, as before.
+A checkpoint stored in a 16-bit type and verified in float32 on the CPU is widened without
+holding the stored copy too (:mod:`cosmic_bake.verify.widen`).
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from pathlib import Path
 from cosmic_bake.errors import CosmicBakeError
 from cosmic_bake.model.session import Session
 from cosmic_bake.verify.logits import VerifyReport, compare, compare_gguf, record, record_for_gguf
+from cosmic_bake.verify.widen import load_widened
 
 
 def _free() -> None:
@@ -45,20 +48,22 @@ def verify_logits(
     load = (session or Session()).load
     if baked.suffix.lower() == ".gguf":
         return _verify_gguf(
-            load(original, dtype, chat_template, system_prompt, placement=placement), original, baked, d, texts
+            load(original, dtype, chat_template, system_prompt, placement=placement, loader=load_widened),
+            original,
+            baked,
+            d,
+            texts,
         )
-    a, arch, fmt = load(original, dtype, chat_template, system_prompt, placement=placement)
+    a, arch, fmt = load(original, dtype, chat_template, system_prompt, placement=placement, loader=load_widened)
     start = resolve_batch_size(batch_size, input_device(a.model), 8)
     rec, size = _record(a.model, arch, d, texts, fmt, start)
     try:
         del a, arch
         _free()
-        from cosmic_bake.model.loading import load_model
-
         if baked.is_dir() and (baked / "adapter_config.json").is_file():  # a LoRA folder: base + PEFT adapter
             from cosmic_bake.export.lora import check_peft
 
-            base = load_model(original, dtype=dtype, placement=placement).model
+            base = load_widened(original, dtype, placement).model
             check_peft(base)  # before importing peft: an old one may not even import
             from peft import PeftModel
 
@@ -68,7 +73,7 @@ def verify_logits(
             from cosmic_bake.verify.tolerances import stored_dtype
 
             stored = stored_dtype(baked)
-            model = load_model(str(baked), dtype=dtype, placement=placement).model
+            model = load_widened(str(baked), dtype, placement).model
         return with_backoff(lambda n: compare(rec, model, stored=stored, rows=n), size)[0]
     finally:
         rec.close()
