@@ -24,13 +24,13 @@ expects beyond a rename:
 Types: 2-D+ weights in the requested float type, 1-D tensors (norms, biases) and MoE routers in
 float32, as llama.cpp's own converter does (they are tiny, and the router picks the experts, so
 its precision decides which experts run). ``q8_0`` is written directly as well: llama.cpp's rule
-for that file type is one type for every weight it quantizes (``llama_tensor_get_type`` has no
-mixture for Q8_0), so each such tensor is quantized here with llama.cpp's own row quantizer
-(:func:`~cosmic_bake.export.ggml_quant.quantize_rows`), and the file equals what ``llama_model_quantize``
-makes from a float file, with no float file on disk (other types: :mod:`cosmic_bake.export.gguf_export`). Tensors are streamed one at a time (experts: one
-stacked projection at a time) into a temporary file beside the output, renamed into place at the
-end. They are read from the folder's safetensors files, or, given ``tensors``, from the sources a
-bake plans (edited when the writer reaches them), so a bake needs no baked folder on disk.
+for that file type is one type for every weight it quantizes (no per-tensor mixture), so each
+such tensor is quantized here with llama.cpp's own row quantizer (:func:`~.ggml_quant.quantize_rows`);
+the file equals what ``llama_model_quantize`` makes from a float file, with no float file on disk
+(other types: :mod:`cosmic_bake.export.gguf_export`). Tensors are streamed one at a time (experts:
+one stacked projection at a time) into a temporary file beside the output, renamed into place at
+the end. They are read from the folder's safetensors files, or, given ``tensors``, from the sources
+a bake plans (edited when the writer reaches them), so a bake needs no baked folder on disk.
 """
 
 from __future__ import annotations
