@@ -28,8 +28,12 @@ BOUND = 1.3
 _BAKE = """
 import sys
 from cosmic_bake import api
-model, run, out = sys.argv[1:4]
-api.bake(model, run, out, allow_mismatch=True)
+model, run, out, fmt = sys.argv[1:5]
+opts = {"gguf": {"format": "gguf", "outtype": "q8_0"}, "lora": {"format": "lora"}}.get(fmt, {})
+if fmt == "lora":
+    api.export_lora(model, run, out, allow_mismatch=True)
+else:
+    api.bake(model, run, out, allow_mismatch=True, **opts)
 """
 
 _VERIFY = """
@@ -53,22 +57,23 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("model", nargs="?", default=DEFAULT_MODEL)
     p.add_argument("--limit", type=int, default=16, help="verify prompts per built-in set (default 16: 32 prompts)")
     p.add_argument("--dtype", default="float32", help="dtype verify loads both models in")
+    p.add_argument("--format", default="hf", choices=("hf", "gguf", "lora"), help="what is baked and verified")
     p.add_argument("--workdir", type=Path, default=None, help="scratch folder (default: a temporary one)")
     p.add_argument("--out", type=Path, default=None, help="write the results as JSON here")
     return p.parse_args(argv)
 
 
-def measure(model: str, work: Path, limit: int, dtype: str) -> dict:
-    """Bake ``model`` into ``work`` and measure verify on it; returns the figures."""
+def measure(model: str, work: Path, limit: int, dtype: str, fmt: str = "hf") -> dict:
+    """Bake ``model`` into ``work`` (``fmt``: hf, gguf q8_0, lora) and measure verify on it."""
     from cosmic_bake.model.loading import source_folder
 
     _, folder = source_folder(model)
     run = random_run_dir(folder, work / "run")
-    baked = work / "baked"
-    run_child(_BAKE, model, str(run), str(baked))
+    baked = work / ("baked.gguf" if fmt == "gguf" else "baked")
+    run_child(_BAKE, model, str(run), str(baked), fmt)
     res = run_child(_VERIFY, model, str(baked), str(run), str(limit), dtype)
-    size = weight_bytes(baked)
-    res.update(model=model, model_bytes=size, source_bytes=weight_bytes(folder), dtype=dtype, bound=BOUND)
+    size = weight_bytes(baked) if fmt == "hf" else weight_bytes(folder)  # the largest model verify loads
+    res.update(model=model, format=fmt, model_bytes=size, source_bytes=weight_bytes(folder), dtype=dtype, bound=BOUND)
     res["peak_over_model"] = res["peak_rss_bytes"] / size
     res["peak_minus_baseline_over_model"] = (res["peak_rss_bytes"] - res["baseline_rss_bytes"]) / size
     return res
@@ -77,8 +82,8 @@ def measure(model: str, work: Path, limit: int, dtype: str) -> dict:
 def print_table(res: dict) -> None:
     r = res["report"]
     rows = [
-        ("model", f"{res['model']} ({res['dtype']})"),
-        ("baked model weights", gib(res["model_bytes"])),
+        ("model", f"{res['model']} ({res['dtype']}), baked as {res['format']}"),
+        ("model weights", gib(res["model_bytes"])),
         ("source weights", gib(res["source_bytes"])),
         ("verify", f"{res['seconds']:.1f} s, {r['n_prompts']} prompts, {r['n_positions']} positions"),
         ("report", f"passed {r['passed']}, max KL {r['max_kl']:.3g}, top-1 {r['top1_agreement']:.4f}"),
@@ -94,7 +99,7 @@ def print_table(res: dict) -> None:
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
     with tempfile.TemporaryDirectory(dir=args.workdir, prefix="bench-verify-") as tmp:
-        res = measure(args.model, Path(tmp), args.limit, args.dtype)
+        res = measure(args.model, Path(tmp), args.limit, args.dtype, args.format)
     print_table(res)
     write_json(args.out, res)
     return res
