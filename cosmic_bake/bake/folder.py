@@ -88,56 +88,54 @@ def load_config(folder: Path):
         ) from err
 
 
-# --------------------------------------------------------------------------------------------
-# Entry point
+@dataclass
+class PreparedBake:
+    """Everything a bake decides before writing: the plan, and per output shard where each tensor comes from.
+
+    :func:`bake_folder` writes it as a safetensors folder; a GGUF bake streams the same tensors
+    into the converter instead (no baked folder on disk, see :mod:`cosmic_bake.bake.gguf`).
+    """
+
+    folder: Path
+    direction: Direction
+    scores: dict | None
+    plan: BakePlan
+    listing: object  # safetensors_read.Listing
+    layout: object  # layout.Layout
+    placement: object | None  # constant.ConstantPlacement of an add / affine constant
+    config: dict  # the output's config.json
+    src: object  # the ModelSource recorded
+    record: dict  # its source record (file hashes)
+    lineage: object  # export.lineage.Lineage: the card's and the manifest's base model
+    vectors: dict
+    constant: object | None  # the constant tensor, divided by its placement's scale
+
+    def shards(self) -> dict:
+        """Per output shard file, ``{name: TensorSource}`` (edits are made when a writer reaches them)."""
+        coeff = -self.direction.alpha if self.direction.mode == "scale" else 1.0
+        return shard_sources(self.plan, self.listing, self.vectors, self.constant, coeff)
 
 
-def bake_folder(
-    source_folder: str | Path,
+def prepare_bake(
+    folder: Path,
     direction: Direction | str | Path,
-    out: str | Path,
     *,
     embeddings: str = "untie",
-    force: bool = False,
     max_shard_size: str | int | None = None,
     allow_mismatch: bool = False,
     source=None,
     mode: str | None = None,
     alpha: float | None = None,
-    inputs: Iterable[str | os.PathLike] = (),
-    settings: dict | None = None,
     base_model: str | None = None,
     record_paths: bool = False,
-) -> BakeReport:
-    """Bake linear removal of ``direction`` into the safetensors model in ``source_folder``; write ``out``.
+) -> PreparedBake:
+    """Plan the bake of ``direction`` into ``folder`` (reads headers and norm gains only; writes nothing).
 
-    ``direction`` is a :class:`Direction` or a run folder (then its selection scores go into the
-    manifest). ``source`` is the :class:`~cosmic_bake.model.loading.ModelSource` the user named,
-    when ``source_folder`` stands in for it (a GGUF's dequantized cache): the direction's model
-    hash is checked against, and the manifest records, that source. ``max_shard_size`` reshards
-    the output (default: the source's shard files, same names). ``mode`` / ``alpha`` override
-    the artifact's (``ablate``, ``add``, ``affine``; see :func:`~cosmic_bake.model.hooks.baked_hook`
-    for the hook each equals, :mod:`cosmic_bake.bake.constant` for where the constant goes).
-    Returns a :class:`BakeReport`; its ``warnings`` say when the result differs from the hook.
-    ``out`` may not be, contain or lie inside the source, the direction or ``inputs``; ``force``
-    replaces only an earlier cosmic-bake output (:func:`cosmic_bake.outputs.check_target`).
-    ``settings`` (the bake command's, serialised) goes into the manifest.
-    ``base_model`` (a Hub id) names the card's base model when the source does not
-    (:mod:`cosmic_bake.export.lineage`); ``record_paths`` writes local paths into the manifest
-    (by default it names the source by Hub id or file name, size and hash, fit to upload).
+    The keywords are :func:`bake_folder`'s.
     """
     from cosmic_bake.artifacts import model_hash
     from cosmic_bake.model.loading import ModelSource
 
-    t0 = time.perf_counter()
-    folder = Path(source_folder)
-    out = Path(out)
-    if not (folder / "config.json").is_file():
-        raise CosmicBakeError(f"{folder} has no config.json", "pass a transformers model folder or a .gguf file")
-    inputs = [folder, *([source.path] if getattr(source, "path", None) else []), *inputs]
-    if not isinstance(direction, Direction):
-        inputs.append(Path(direction))
-    check_target(out, force=force, inputs=inputs)
     d, scores = load_direction(direction)
     d = d.with_mode(mode, alpha)
     config = load_config(folder)
@@ -177,21 +175,92 @@ def bake_folder(
     if placement is not None:
         add_constant(plan, placement)
         constant = d.hook().constant() / placement.scale
-    r_hat = unit(d.direction.double())
-    vectors = edit_vectors(plan, listing, r_hat)
+    vectors = edit_vectors(plan, listing, unit(d.direction.double()))
+    config_dict = edited_config(folder, plan.untie, placement.config if placement else None)
+    return PreparedBake(
+        folder, d, scores, plan, listing, layout, placement, config_dict, src, record, lin, vectors, constant
+    )
+
+
+# --------------------------------------------------------------------------------------------
+# Entry point
+
+
+def bake_folder(
+    source_folder: str | Path,
+    direction: Direction | str | Path,
+    out: str | Path,
+    *,
+    embeddings: str = "untie",
+    force: bool = False,
+    max_shard_size: str | int | None = None,
+    allow_mismatch: bool = False,
+    source=None,
+    mode: str | None = None,
+    alpha: float | None = None,
+    inputs: Iterable[str | os.PathLike] = (),
+    settings: dict | None = None,
+    base_model: str | None = None,
+    record_paths: bool = False,
+) -> BakeReport:
+    """Bake linear removal of ``direction`` into the safetensors model in ``source_folder``; write ``out``.
+
+    ``direction`` is a :class:`Direction` or a run folder (then its selection scores go into the
+    manifest). ``source`` is the :class:`~cosmic_bake.model.loading.ModelSource` the user named,
+    when ``source_folder`` stands in for it (a GGUF's dequantized cache): the direction's model
+    hash is checked against, and the manifest records, that source. ``max_shard_size`` reshards
+    the output (default: the source's shard files, same names). ``mode`` / ``alpha`` override
+    the artifact's (``ablate``, ``add``, ``affine``; see :func:`~cosmic_bake.model.hooks.baked_hook`
+    for the hook each equals, :mod:`cosmic_bake.bake.constant` for where the constant goes).
+    Returns a :class:`BakeReport`; its ``warnings`` say when the result differs from the hook.
+    ``out`` may not be, contain or lie inside the source, the direction or ``inputs``; ``force``
+    replaces only an earlier cosmic-bake output (:func:`cosmic_bake.outputs.check_target`).
+    ``settings`` (the bake command's, serialised) goes into the manifest.
+    ``base_model`` (a Hub id) names the card's base model when the source does not
+    (:mod:`cosmic_bake.export.lineage`); ``record_paths`` writes local paths into the manifest
+    (by default it names the source by Hub id or file name, size and hash, fit to upload).
+    """
+    t0 = time.perf_counter()
+    folder = Path(source_folder)
+    out = Path(out)
+    if not (folder / "config.json").is_file():
+        raise CosmicBakeError(f"{folder} has no config.json", "pass a transformers model folder or a .gguf file")
+    inputs = [folder, *([source.path] if getattr(source, "path", None) else []), *inputs]
+    if not isinstance(direction, Direction):
+        inputs.append(Path(direction))
+    check_target(out, force=force, inputs=inputs)
+    prep = prepare_bake(
+        folder,
+        direction,
+        embeddings=embeddings,
+        max_shard_size=max_shard_size,
+        allow_mismatch=allow_mismatch,
+        source=source,
+        mode=mode,
+        alpha=alpha,
+        base_model=base_model,
+        record_paths=record_paths,
+    )
+    d, scores, plan, listing, layout, placement = (
+        prep.direction,
+        prep.scores,
+        prep.plan,
+        prep.listing,
+        prep.layout,
+        prep.placement,
+    )
+    record, lin = prep.record, prep.lineage
     timings = {"plan": time.perf_counter() - t0}
     with atomic_dir(out, force=force, inputs=inputs) as tmp:
         t = time.perf_counter()
-        coeff = -d.alpha if d.mode == "scale" else 1.0
-        shards = shard_sources(plan, listing, vectors, constant, coeff)
+        shards = prep.shards()
         with one_thread():
             write_shards(shards, plan.shard_metadata, tmp, save=safetensors_write.write_safetensors)
         if plan.indexed:
             write_index(tmp, shards, (listing.index or {}).get("metadata"))
         timings["write"] = time.perf_counter() - t
         t = time.perf_counter()
-        config_dict = edited_config(folder, plan.untie, placement.config if placement else None)
-        write_json(tmp / "config.json", config_dict)
+        write_json(tmp / "config.json", prep.config)
         copied, skipped = copy_side_files(folder, tmp)
         report = BakeReport(
             output=str(out),

@@ -1,11 +1,12 @@
 """``bake --format gguf``: pick the route, write the file atomically, and its manifest beside it.
 
 GGUF sources keep their quantization (:func:`~cosmic_bake.bake.gguf_edit.bake_gguf_file` edits the
-few tensors the edit touches); anything else, or an explicit ``--outtype``, is baked as
-safetensors (:func:`~cosmic_bake.bake.folder.bake_folder`), converted to a float GGUF
-(:mod:`cosmic_bake.export.gguf_convert`) and quantized by llama.cpp
-(:func:`~cosmic_bake.export.ggml_quant.quantize_file`). The output is written to a temporary
-file beside ``OUT.gguf`` and renamed into place only when complete, manifest first.
+few tensors the edit touches); anything else, or an explicit ``--outtype``, is planned as a
+safetensors bake (:func:`~cosmic_bake.bake.folder.prepare_bake`) whose edited tensors stream
+straight into the GGUF converter (:mod:`cosmic_bake.export.gguf_export`: float types and q8_0
+directly, other types through a float file in the source's precision and llama.cpp's quantizer).
+The output is written to a temporary file beside ``OUT.gguf`` and renamed into place only when
+complete, manifest first.
 """
 
 from __future__ import annotations
@@ -170,41 +171,44 @@ def _bake_via_safetensors(
     identity: dict,
     source_name: str,
 ) -> dict:
-    """transformers folder -> baked safetensors -> float GGUF -> (llama.cpp quantizer) -> ``out``.
+    """transformers folder -> GGUF ``out``, the bake's edited tensors streamed into the converter.
 
-    ``identity`` is the GGUF's ``general.name`` and base-model keys; the temporary folder the
-    float GGUF is converted from would otherwise name it ("hf").
+    No baked safetensors folder is written: the converter reads each tensor from the bake's plan
+    (copied, or edited when its turn comes). Float types and q8_0 are written directly; other
+    quantized types go through a float GGUF in the source's precision and llama.cpp's quantizer
+    (:mod:`cosmic_bake.export.gguf_export`). The side folder holds only the edited config.json and
+    the tokenizer files the converter reads. ``identity`` is the GGUF's ``general.name`` and
+    base-model keys; the temporary side folder would otherwise name it.
     """
-    from cosmic_bake.bake.folder import bake_folder
-    from cosmic_bake.export.gguf_convert import convert_folder
+    from cosmic_bake.bake.apply import copy_side_files, one_thread
+    from cosmic_bake.bake.folder import prepare_bake
+    from cosmic_bake.export.gguf_export import write_gguf
+    from cosmic_bake.outputs import write_json
 
     timings = {}
+    t = time.perf_counter()
+    prep = prepare_bake(folder, d, embeddings=embeddings, source=source, allow_mismatch=True)
+    tensors = {name: src for shard in prep.shards().values() for name, src in shard.items()}
+    timings["plan"] = time.perf_counter() - t
     with tempfile.TemporaryDirectory(prefix=f".{out.name}.work-", dir=out.parent) as work:
-        work = Path(work)
+        side = Path(work)
+        write_json(side / "config.json", prep.config)
+        copy_side_files(folder, side)
         t = time.perf_counter()
-        report = bake_folder(folder, d, work / "hf", source=source, allow_mismatch=True, embeddings=embeddings)
-        timings["bake"] = time.perf_counter() - t
-        t = time.perf_counter()
-        float_type = outtype if outtype in ggml_quant.FLOAT_OUTTYPES else "f32"
-        float_file = work / "float.gguf"
         keys = dict(identity)
         name = keys.pop("general.name", None)
         meta = {**gguf_provenance(d, shash, source_name=source_name), **keys}
-        conv = convert_folder(work / "hf", float_file, float_type, metadata=meta, name=name)
-        timings["convert"] = time.perf_counter() - t
-        if outtype in ggml_quant.FLOAT_OUTTYPES:
-            os.replace(float_file, out)
-        else:
-            t = time.perf_counter()
-            ggml_quant.quantize_file(float_file, out, outtype)
-            timings["quantize"] = time.perf_counter() - t
+        with one_thread():
+            conv, route = write_gguf(side, out, outtype, metadata=meta, tensors=tensors, name=name)
+        timings["bake_convert_quantize"] = time.perf_counter() - t
     return {
         "route": "safetensors-to-gguf",
         "outtype": outtype,
         "architecture": conv.arch,
-        "edits": report.edits,
-        "untied": report.untied,
-        "warnings": report.warnings + list(conv.warnings),
+        "edits": prep.plan.counts(),
+        "untied": prep.plan.untie,
+        "warnings": prep.plan.warnings + list(conv.warnings),
         "bytes_written": out.stat().st_size,
         "timings": timings,
+        "conversion": route,
     }

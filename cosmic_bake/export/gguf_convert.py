@@ -21,10 +21,16 @@ expects beyond a rename:
   (``tokenizer.ggml.pre``), so the name is derived by comparing ``tokenizer.json``'s pre-tokenizer
   with the regexes llama.cpp's ``llama-vocab.cpp`` uses for each name.
 
-Float only: 2-D+ weights in the requested type, 1-D tensors (norms, biases) and MoE routers in
+Types: 2-D+ weights in the requested float type, 1-D tensors (norms, biases) and MoE routers in
 float32, as llama.cpp's own converter does (they are tiny, and the router picks the experts, so
-its precision decides which experts run). Tensors are streamed one at a time (experts: one stacked
-projection at a time) into a temporary file beside the output, renamed into place at the end.
+its precision decides which experts run). ``q8_0`` is written directly as well: llama.cpp's rule
+for that file type is one type for every weight it quantizes (no per-tensor mixture), so each
+such tensor is quantized here with llama.cpp's own row quantizer (:func:`~.ggml_quant.quantize_rows`);
+the file equals what ``llama_model_quantize`` makes from a float file, with no float file on disk
+(other types: :mod:`cosmic_bake.export.gguf_export`). Tensors are streamed one at a time (experts:
+one stacked projection at a time) into a temporary file beside the output, renamed into place at
+the end. They are read from the folder's safetensors files, or, given ``tensors``, from the sources
+a bake plans (edited when the writer reaches them), so a bake needs no baked folder on disk.
 """
 
 from __future__ import annotations
@@ -45,6 +51,7 @@ import numpy as np
 import torch
 
 from cosmic_bake.errors import CosmicBakeError
+from cosmic_bake.export import ggml_quant
 from cosmic_bake.export.gguf_hparams import (
     Hparams,
     add_model_keys,
@@ -54,13 +61,16 @@ from cosmic_bake.export.gguf_hparams import (
     rope_params,
 )
 from cosmic_bake.export.gguf_io import add_metadata
+from cosmic_bake.export.gguf_sources import ggml_shape, quantized, source_listing, tensor_reader
 from cosmic_bake.export.gguf_vocab import read_vocab
-from cosmic_bake.export.safetensors_read import Listing, TensorInfo, list_weights, read_tensor
+from cosmic_bake.export.safetensors_read import DTYPES, Listing, TensorInfo, list_weights
+from cosmic_bake.export.safetensors_write import TensorSource
 
 OUTTYPES: dict[str, gguf.GGMLQuantizationType] = {
     "f32": gguf.GGMLQuantizationType.F32,
     "f16": gguf.GGMLQuantizationType.F16,
     "bf16": gguf.GGMLQuantizationType.BF16,
+    "q8_0": gguf.GGMLQuantizationType.Q8_0,  # quantized here, row chunk by row chunk
 }
 _TORCH_TYPES = {
     gguf.GGMLQuantizationType.F32: torch.float32,
@@ -115,6 +125,8 @@ class _Planned:
 
     @property
     def nbytes(self) -> int:
+        if self.qtype not in _TORCH_TYPES:  # a block type: whole rows of the last dimension
+            return math.prod(self.shape[:-1]) * ggml_quant.row_bytes(self.qtype, self.shape[-1])
         return math.prod(self.shape) * _TORCH_TYPES[self.qtype].itemsize
 
 
@@ -129,8 +141,13 @@ def convert_folder(
     *,
     metadata: Mapping[str, str | int | float] | None = None,
     name: str | None = None,
+    tensors: Mapping[str, TensorSource] | None = None,
 ) -> ConvertReport:
-    """Convert the HF model ``folder`` to the GGUF file ``out_file`` (float ``outtype``).
+    """Convert the HF model ``folder`` to the GGUF file ``out_file`` (a float ``outtype``, or ``q8_0``).
+
+    ``tensors`` (name -> :data:`~cosmic_bake.export.safetensors_write.TensorSource`) replaces the
+    folder's safetensors files as the source of the weights; ``folder`` then gives only the
+    config and tokenizer files (a bake streams its edited tensors in this way).
 
     ``metadata`` entries are added verbatim as extra GGUF keys (provenance such as the baked
     direction's hash), so a GGUF can be traced back to the run that made it. ``name`` is its
@@ -148,7 +165,7 @@ def convert_folder(
         raise CosmicBakeError(f"the output directory {out_file.parent} does not exist", "create it first")
     warnings: list[str] = []
     hp = read_hparams(folder, warnings)
-    listing = list_weights(folder)
+    listing = list_weights(folder) if tensors is None else source_listing(folder, tensors)
     planned = plan_tensors(hp, listing, OUTTYPES[outtype])
     vocab = read_vocab(folder, n_rows=_embedding_rows(planned), warnings=warnings, name=name)
 
@@ -156,9 +173,13 @@ def convert_folder(
     add_model_keys(writer, hp, vocab.name, outtype, _embedding_rows(planned))
     vocab.add_to(writer)
     add_metadata(writer, metadata or {})
+    quantized_file = OUTTYPES[outtype] not in _TORCH_TYPES
     for p in planned:
-        raw = torch.empty((), dtype=_NUMPY_VIEWS[_TORCH_TYPES[p.qtype]]).numpy().dtype
-        writer.add_tensor_info(p.name, p.shape, raw, p.nbytes, raw_dtype=p.qtype)
+        view = _NUMPY_VIEWS[_TORCH_TYPES[p.qtype]] if p.qtype in _TORCH_TYPES else torch.float32  # shape as given
+        raw = torch.empty((), dtype=view).numpy().dtype
+        # llama.cpp's quantizer writes a [1, d] tensor as 1-D (ggml_n_dims); a q8_0 file does the same
+        shape = ggml_shape(p.shape) if quantized_file else p.shape
+        writer.add_tensor_info(p.name, shape, raw, p.nbytes, raw_dtype=p.qtype)
 
     tmp = out_file.with_name(f".{out_file.name}.{uuid.uuid4().hex[:12]}.tmp")  # same directory: rename is atomic
     try:
@@ -168,7 +189,7 @@ def convert_folder(
         with contextlib.ExitStack() as files:
             handles: dict[Path, Any] = {}
             for p in planned:
-                writer.write_tensor_data(_produce(p, listing.folder, handles, files))
+                writer.write_tensor_data(_produce(p, listing.folder, handles, files, tensors))
         assert writer.fout is not None
         writer.flush()
         os.fsync(writer.fout[0].fileno())
@@ -238,7 +259,8 @@ def plan_tensors(hp: Hparams, listing: Listing, outtype: gguf.GGMLQuantizationTy
             if gname is None:
                 unmapped.append(name)
                 continue
-            planned.append(_Planned(gname, (hp.n_experts, *sources[0].shape), _qtype(gname, 3, outtype), sources))
+            shape = (hp.n_experts, *sources[0].shape)
+            planned.append(_Planned(gname, shape, _qtype(gname, shape, outtype), sources))
             continue
         if name == "lm_head.weight":
             if not has_output:
@@ -260,9 +282,7 @@ def plan_tensors(hp: Hparams, listing: Listing, outtype: gguf.GGMLQuantizationTy
                 f"llama.cpp's {hp.arch} has no {gname.split('.')[-2]} bias, but this model has {name}",
                 "export with --format hf instead",
             )
-        planned.append(
-            _Planned(gname, info.shape, _qtype(gname, len(info.shape), outtype), (info,), _transform(hp, gname))
-        )
+        planned.append(_Planned(gname, info.shape, _qtype(gname, info.shape, outtype), (info,), _transform(hp, gname)))
     if unmapped:
         raise CosmicBakeError(
             f"GGUF export: no llama.cpp {hp.arch} tensor for {', '.join(unmapped[:3])}"
@@ -295,9 +315,22 @@ def _tensor_order(p: _Planned) -> tuple[int, str]:
     return (int(m[1]) + 1 if m else 0, p.name)
 
 
-def _qtype(gname: str, ndim: int, outtype: gguf.GGMLQuantizationType) -> gguf.GGMLQuantizationType:
-    if ndim <= 1 or any(part in gname for part in _ROUTERS):
+def _qtype(gname: str, shape: tuple[int, ...], outtype: gguf.GGMLQuantizationType) -> gguf.GGMLQuantizationType:
+    """Float32 for 1-D tensors and routers; else ``outtype``, where llama.cpp would quantize it.
+
+    llama.cpp quantizes a weight only when ggml counts 2+ dimensions (its ``ggml_n_dims`` ignores
+    size-1 outer dimensions: a ``[1, d]`` gate is 1-D to it); such a tensor stays float32 here.
+    """
+    if len(shape) <= 1 or any(part in gname for part in _ROUTERS):
         return gguf.GGMLQuantizationType.F32
+    if outtype not in _TORCH_TYPES:
+        if len(ggml_shape(shape)) < 2:
+            return gguf.GGMLQuantizationType.F32
+        reason = ggml_quant.writable(outtype, shape[-1])
+        if reason is not None:
+            raise CosmicBakeError(
+                f"cannot write {gname} {list(shape)} as {outtype.name}: {reason}", "use --outtype f16"
+            )
     return outtype
 
 
@@ -306,8 +339,10 @@ def _same_as_embedding(listing: Listing, lm_head: TensorInfo) -> bool:
     embed = next((t for n, t in listing.tensors.items() if n.endswith("embed_tokens.weight")), None)
     if embed is None or embed.shape != lm_head.shape or embed.dtype != lm_head.dtype:
         return False
-    with open(listing.folder / lm_head.file, "rb") as a, open(listing.folder / embed.file, "rb") as b:
-        return torch.equal(read_tensor(a, lm_head), read_tensor(b, embed))
+    sources = getattr(listing, "sources", None)
+    with contextlib.ExitStack() as files:
+        read = tensor_reader(listing.folder, {}, files, sources)
+        return torch.equal(read(lm_head), read(embed))
 
 
 def _transform(hp: Hparams, gname: str) -> Callable[[torch.Tensor], torch.Tensor] | None:
@@ -336,26 +371,27 @@ def _embedding_rows(planned: list[_Planned]) -> int:
     return next(p.shape[0] for p in planned if p.name == "token_embd.weight")
 
 
-def _produce(p: _Planned, folder: Path, handles: dict[Path, Any], files: contextlib.ExitStack) -> np.ndarray:
+def _produce(
+    p: _Planned, folder: Path, handles: dict[Path, Any], files: contextlib.ExitStack, sources=None
+) -> np.ndarray:
     """Read (and stack, and edit) one output tensor and convert it to its GGUF type as a numpy array."""
-
-    def read(info: TensorInfo) -> torch.Tensor:
-        path = folder / info.file
-        if path not in handles:
-            handles[path] = files.enter_context(open(path, "rb"))
-        return read_tensor(handles[path], info)
+    read = tensor_reader(folder, handles, files, sources)
 
     if p.make is not None:
         tensor = p.make()
     elif len(p.sources) == 1:
         tensor = read(p.sources[0])
     else:
-        dtype = _TORCH_TYPES[p.qtype]
+        dtype = _TORCH_TYPES.get(p.qtype) or DTYPES[p.sources[0].dtype]  # q8_0: stacked as stored
         tensor = torch.empty(p.shape, dtype=dtype)
         for i, info in enumerate(p.sources):
             tensor[i] = read(info).to(dtype)
     if p.transform is not None:
         tensor = p.transform(tensor)
+    if p.qtype not in _TORCH_TYPES:
+        if tuple(tensor.shape) != p.shape:
+            raise AssertionError(f"{p.name}: produced shape {tuple(tensor.shape)}, planned {p.shape}")
+        return quantized(tensor, p.qtype)
     tensor = tensor.to(_TORCH_TYPES[p.qtype]).contiguous()
     if tuple(tensor.shape) != p.shape:
         raise AssertionError(f"{p.name}: produced shape {tuple(tensor.shape)}, planned {p.shape}")

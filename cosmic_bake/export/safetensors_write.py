@@ -25,7 +25,7 @@ from typing import BinaryIO
 import torch
 
 from cosmic_bake.errors import CosmicBakeError
-from cosmic_bake.export.safetensors_read import DTYPES, INDEX_FILE, TensorInfo, dtype_code
+from cosmic_bake.export.safetensors_read import DTYPES, INDEX_FILE, TensorInfo, dtype_code, read_tensor
 from cosmic_bake.outputs import write_json
 
 CHUNK_BYTES = 16 * 2**20  # plain reads and writes move at most this much at a time
@@ -66,7 +66,7 @@ class DeferredTensor:
 TensorSource = torch.Tensor | StoredTensor | DeferredTensor
 
 
-def _describe(source: TensorSource) -> tuple[str, tuple[int, ...]]:
+def describe(source: TensorSource) -> tuple[str, tuple[int, ...]]:
     """Dtype code and shape of a tensor to write, without making or reading it."""
     if isinstance(source, torch.Tensor):
         return dtype_code(source.dtype), tuple(source.shape)
@@ -77,6 +77,14 @@ def _describe(source: TensorSource) -> tuple[str, tuple[int, ...]]:
             raise ValueError(f"unknown safetensors dtype code {source.dtype!r}")
         return source.dtype, tuple(int(s) for s in source.shape)
     raise TypeError(f"cannot write a {type(source).__name__} as a tensor")
+
+
+def make_tensor(source: TensorSource) -> torch.Tensor:
+    """The tensor a source stands for: read from its file, made (an edit), or the tensor itself."""
+    if isinstance(source, StoredTensor):
+        with open(source.path, "rb") as fh:
+            return read_tensor(fh, source.info)
+    return source.make() if isinstance(source, DeferredTensor) else source
 
 
 def _numel(shape: tuple[int, ...]) -> int:
@@ -124,7 +132,7 @@ def write_safetensors(
     """
     if sys.byteorder != "little":
         raise RuntimeError("writing safetensors needs a little-endian machine")
-    specs = [(name, *_describe(source)) for name, source in tensors.items()]
+    specs = [(name, *describe(source)) for name, source in tensors.items()]
     specs.sort(key=lambda spec: -DTYPES[spec[1]].itemsize)
     header = safetensors_header(specs, metadata)
     try:
@@ -244,7 +252,7 @@ def write_index(out: Path, shards: Mapping[str, Mapping[str, TensorSource]], met
     ``total_size`` is recomputed, and ``total_parameters`` when the metadata has it.
     """
     meta = dict(metadata or {})
-    specs = [_describe(source) for tensors in shards.values() for source in tensors.values()]
+    specs = [describe(source) for tensors in shards.values() for source in tensors.values()]
     meta["total_size"] = sum(_nbytes(code, shape) for code, shape in specs)
     if "total_parameters" in meta:
         meta["total_parameters"] = sum(_numel(shape) for _, shape in specs)

@@ -49,6 +49,7 @@ class Session:
         chat_template: str | None = None,
         system_prompt: str | None = None,
         placement: Placement | None = None,
+        loader: Callable[..., LoadedModel] | None = None,
     ) -> tuple[LoadedModel, Architecture, ChatFormat]:
         """``(LoadedModel, Architecture, ChatFormat)`` for a Hub id, folder, .gguf file or builtin name.
 
@@ -56,6 +57,8 @@ class Session:
         ``system_prompt`` (text) replaces the template's default system prompt. The chat format is
         built per call, so steps with different templates share one loaded model. ``placement``
         (device, or accelerate's device map / offload) is part of what a kept model is found by.
+        ``loader`` (``load_model``'s signature) loads a model not kept yet: verify's widens a 16-bit
+        checkpoint without holding the stored copy (:func:`cosmic_bake.verify.widen.load_widened`).
         """
         from cosmic_bake.model.architecture import probe
         from cosmic_bake.model.chat import ChatFormat, read_template_option
@@ -66,7 +69,7 @@ class Session:
             lm, arch = self._models[key]
         else:
             t = time.perf_counter()
-            lm = load_model(spec, dtype=dtype, placement=placement)
+            lm = (loader or load_model)(spec, dtype=dtype, placement=placement)
             arch = probe(lm.model)
             self.echo(
                 f"loaded {spec} ({arch.model_type}, {arch.n_layers} layers, d={arch.d_model}, "

@@ -38,6 +38,7 @@ def selection_record(sel: Selection) -> dict:
         "prompt_counts": sel.counts,
         "timings": sel.timings,
         "kl_computed": {"candidates": sel.grid.n_kl, "of": sel.grid.kl.numel()},
+        "kept_activation_bytes": sel.grid.kept_bytes,  # what scoring held besides the model (baselines)
         "batch_size": sel.batch_size,
         "candidates": sel.rows(),
     }

@@ -14,6 +14,7 @@ from cosmic_bake.model.forward import Recorded, forward
 from cosmic_bake.model.hooks import Intervention, intervene
 from cosmic_bake.progress import note, progress
 from cosmic_bake.select.candidates import Batches, Candidates
+from cosmic_bake.select.replay import BlockInputs
 
 REFUSAL_STARTS = ("I", "As")  # first tokens of "I'm sorry", "I cannot", "As an AI" ...
 
@@ -34,6 +35,7 @@ class ScoreGrid:
     kl: torch.Tensor
     kl_done: torch.Tensor | None = None  # bool [P, L]; None: every KL computed
     kl_of: Callable[[int, int], float] | None = field(default=None, repr=False)
+    kept_bytes: int = 0  # activations the scoring kept (baselines: outputs, logits, one block's inputs)
 
     def __post_init__(self) -> None:
         if self.kl_done is None:
@@ -63,35 +65,41 @@ class ScoreGrid:
 class _Baseline:
     outputs: torch.Tensor  # [n, k, d] at eval layers, float32
     logits: list[torch.Tensor]  # per batch, last position
-    inputs: list[list[torch.Tensor]]  # per batch, per layer: full block inputs
+    inputs: BlockInputs | None  # one block's input at a time, for replay (see select.replay)
+
+    @property
+    def kept_bytes(self) -> int:
+        """The most activation bytes this baseline holds at once."""
+        held = [self.outputs, *self.logits]
+        return sum(t.numel() * t.element_size() for t in held) + (self.inputs.peak_bytes if self.inputs else 0)
 
 
 def _baseline(model, arch, batches: Batches, layers: list[int], keep_inputs: bool) -> _Baseline:
-    outs, logits, inputs = [], [], []
+    outs, logits = [], []
     for batch in batches.encoded:
-        rec = forward(model, arch, batch, output_layers=layers, logits=True, keep_full_inputs=keep_inputs)
+        rec = forward(model, arch, batch, output_layers=layers, logits=True)
         outs.append(rec.outputs)
         logits.append(rec.logits)
-        inputs.append(rec.full_inputs)
+    inputs = BlockInputs(model, arch, batches.encoded, layers) if keep_inputs else None
     return _Baseline(torch.cat(outs) if layers else torch.empty(0), logits, inputs)
 
 
-def _replay(base: _Baseline, b: int, layer: int, n_layers: int) -> dict[int, torch.Tensor] | None:
-    """Recorded outputs of the layers before ``layer`` (output of ``j`` = input of ``j + 1``)."""
-    if layer <= 0 or not base.inputs[b]:
-        return None
-    return {j: base.inputs[b][j + 1] for j in range(layer) if j + 1 < n_layers}
+def _replay(base: _Baseline, b: int, layer: int, n_layers: int) -> dict[int, torch.Tensor | None] | None:
+    """Layers before ``layer`` replayed from the baseline (block ``layer - 1`` returns block ``layer``'s input)."""
+    return base.inputs.replay(layer, b) if base.inputs is not None else None
 
 
 def _run(model, arch, batches: Batches, iv: Intervention, *, layers=None, logits=False, stop=None, base=None):
     """Run ``batches`` under ``iv``; returns (outputs [n,k,d] or None, list of logits)."""
     outs, lg = [], []
     single = iv.kind in ("add", "affine")  # edits at one layer: the layers before it can be replayed
+    n = len(batches.encoded)
+    # Taken before the hooks go in: the recorded inputs move forward without the intervention.
+    replays = [_replay(base, b, iv.layer, arch.n_layers) if (single and base is not None) else None for b in range(n)]
     with intervene(arch, iv):
         for b, batch in enumerate(batches.encoded):
-            replay = _replay(base, b, iv.layer, arch.n_layers) if (single and base is not None) else None
             rec: Recorded = forward(
-                model, arch, batch, output_layers=layers, logits=logits, stop_after=stop, replay=replay
+                model, arch, batch, output_layers=layers, logits=logits, stop_after=stop, replay=replays[b]
             )
             if layers:
                 outs.append(rec.outputs)
@@ -119,7 +127,7 @@ def _stop_layer(eval_layers: list[int]) -> int:
 def _fill_grids(P: int, L: int, scores, n: int, desc: str) -> list[torch.Tensor]:
     """``n`` ``[P, L]`` float64 grids filled by ``scores(i, layer) -> n values``, with a progress bar."""
     grids = torch.full((n, P, L), math.nan, dtype=torch.float64)
-    cells = [(i, layer) for i in range(P) for layer in range(L)]
+    cells = [(i, layer) for layer in range(L) for i in range(P)]  # layer by layer: one block's inputs kept
     for i, layer in progress(cells, desc, total=len(cells)):
         grids[:, i, layer] = torch.tensor(scores(i, layer), dtype=torch.float64)
     return [g.clone() for g in grids]
@@ -196,7 +204,9 @@ def score_cosmic(
 
     part = (stop + 1) / L  # comply and refuse passes end after the last evaluation layer
     note(expected_seconds(P * L, part * (t_hf + t_hl), t_hl, all_scores))
-    return _grid(("s_comply", "s_refuse", "kl"), P, L, pair, kl_of, all_scores, "scoring candidates")
+    grid = _grid(("s_comply", "s_refuse", "kl"), P, L, pair, kl_of, all_scores, "scoring candidates")
+    grid.kept_bytes = base_harmful.kept_bytes + base_harmless.kept_bytes
+    return grid
 
 
 def refusal_token_ids(tokenizer) -> list[int]:
@@ -247,7 +257,9 @@ def score_refusal(
 
     note(expected_seconds(P * L, t_hf + t_hl, t_hl, all_scores))
     names = ("refusal_score", "steering_score", "kl")
-    return _grid(names, P, L, pair, kl_of, all_scores, "scoring candidates (refusal tokens)")
+    grid = _grid(names, P, L, pair, kl_of, all_scores, "scoring candidates (refusal tokens)")
+    grid.kept_bytes = base_harmful.kept_bytes + base_harmless.kept_bytes
+    return grid
 
 
 def filter_refusal(grid: ScoreGrid, kl_threshold: float = 0.1) -> list[list[S.Verdict]]:

@@ -22,8 +22,8 @@ import torch
 from cosmic_bake.artifacts import Direction
 from cosmic_bake.errors import CosmicBakeError
 from cosmic_bake.model.architecture import Architecture
-from cosmic_bake.model.devices import input_device, to_device
-from cosmic_bake.model.hooks import Intervention, intervene
+from cosmic_bake.model.hooks import Intervention
+from cosmic_bake.verify.passes import OriginalPass, Totals, compare_llamacpp, compare_transformers, record_original
 from cosmic_bake.verify.tolerances import GGUF_TOLERANCES, coarser, tolerances_for, weight_class
 
 # A baked file must be at least this much closer to the hook (in mean KL) than the unedited file of
@@ -67,44 +67,6 @@ class VerifyReport:
         return asdict(self)
 
 
-@dataclass
-class _Totals:
-    """Running sums over batches, so the report never holds all logits at once."""
-
-    positions: int = 0
-    max_abs: float = 0.0
-    kl_sum: float = 0.0
-    kl_max: float = 0.0
-    agree: int = 0
-
-    def add(self, hooked: torch.Tensor, baked: torch.Tensor) -> None:
-        """``hooked`` and ``baked`` are ``[n, vocab]`` logits at real positions."""
-        h, b = hooked.double(), baked.double()
-        logp_h, logp_b = torch.log_softmax(h, dim=-1), torch.log_softmax(b, dim=-1)
-        kl = (logp_h.exp() * (logp_h - logp_b)).sum(-1).clamp_min(0.0)
-        self.positions += h.shape[0]
-        self.max_abs = max(self.max_abs, float((h - b).abs().max()))
-        self.kl_sum += float(kl.sum())
-        self.kl_max = max(self.kl_max, float(kl.max()))
-        self.agree += int((h.argmax(-1) == b.argmax(-1)).sum())
-
-    @property
-    def mean_kl(self) -> float:
-        return self.kl_sum / max(1, self.positions)
-
-    @property
-    def top1(self) -> float:
-        return self.agree / max(1, self.positions)
-
-    def record(self) -> dict:
-        return {
-            "max_abs_logit_diff": self.max_abs,
-            "mean_kl": self.mean_kl,
-            "max_kl": self.kl_max,
-            "top1_agreement": self.top1,
-        }
-
-
 def judge(
     kl: float, kl_tol: float, top1: float, top1_tol: float, mean_kl: float, unedited_mean_kl: float | None
 ) -> tuple[float | None, list[str]]:
@@ -133,7 +95,7 @@ def judge(
 
 
 def _report(
-    totals: _Totals,
+    totals: Totals,
     n_prompts: int,
     t0: float,
     gate: str,
@@ -186,7 +148,6 @@ def _dtype_name(model: torch.nn.Module) -> str:
     return str(next(model.parameters()).dtype).removeprefix("torch.")
 
 
-@torch.no_grad()
 def verify(
     original_model: torch.nn.Module,
     arch: Architecture,
@@ -205,53 +166,54 @@ def verify(
     coarser of the dtype the baked model computes in and ``stored``, the dtype its weights are
     stored in (a bf16 checkpoint verified in float32 still carries bf16 rounding). The original
     without the hook is measured too: the unedited reference of the relative gate.
+
+    Both models are given here, so both are in memory; ``api.verify`` holds one at a time by
+    calling the two halves, :func:`record` and :func:`compare`, with the original freed between.
     """
+    rec = record(original_model, arch, direction, prompts, fmt, batch_size)
+    try:
+        return compare(rec, baked_model, stored=stored)
+    finally:
+        rec.close()
+
+
+def record(original_model, arch: Architecture, direction, prompts: list[str], fmt, batch_size: int = 8) -> OriginalPass:
+    """The original's half of :func:`verify`: its hooked logits spooled, the unedited KL measured."""
     if not prompts:
         raise CosmicBakeError("no prompts to verify on", "pass --prompts FILE with at least one prompt")
-    vocab_a = original_model.get_output_embeddings().weight.shape[0]
+    return record_original(original_model, arch, _hook(direction), prompts, fmt, batch_size)
+
+
+def compare(
+    rec: OriginalPass, baked_model: torch.nn.Module, *, stored: str = "", rows: int | None = None
+) -> VerifyReport:
+    """The baked model's half of :func:`verify`, against what :func:`record` left.
+
+    ``rows``: at most this many prompts per forward pass (None: the recorded batches whole).
+    """
     vocab_b = baked_model.get_output_embeddings().weight.shape[0]
-    if vocab_a != vocab_b:
+    if rec.vocab != vocab_b:
         raise CosmicBakeError(
-            f"the original has {vocab_a} output tokens but the baked model {vocab_b}",
+            f"the original has {rec.vocab} output tokens but the baked model {vocab_b}",
             "compare a baked model with the model it was baked from",
         )
-    iv = _hook(direction)
-    t0 = time.perf_counter()
-    totals, unedited = _Totals(), _Totals()
-    for start in range(0, len(prompts), batch_size):
-        batch = fmt.encode(prompts[start : start + batch_size])
-        real = batch["attention_mask"].bool()
-        with intervene(arch, iv):
-            hooked = _real_logits(original_model, batch, real)
-        totals.add(hooked, _real_logits(baked_model, batch, real))
-        unedited.add(hooked, _real_logits(original_model, batch, real))
+    totals, seconds = compare_transformers(rec, baked_model, rows)
     computed = _dtype_name(baked_model)
     dtype = coarser(computed, stored)
     max_kl_tol, top1_tol = tolerances_for(dtype)
     return _report(
         totals,
-        len(prompts),
-        t0,
+        rec.n_prompts,
+        rec.seconds + seconds,
         "max_kl",
         (max_kl_tol, top1_tol),
-        unedited.mean_kl,
+        rec.unedited.mean_kl if rec.unedited is not None else None,
         dtype=dtype,
         stored_dtype=stored,
-        unedited_reference={"kind": "original model without the hook", "dtype": computed},
+        unedited_reference={"kind": "original model without the hook", "dtype": rec.dtype},
     )
 
 
-def _real_logits(model: torch.nn.Module, batch: dict, real: torch.Tensor) -> torch.Tensor:
-    """Logits at the real (non-pad) positions, on the CPU: inputs go where the model's embedding computes."""
-    logits = model(**to_device(batch, input_device(model)), use_cache=False).logits
-    return logits[real.to(logits.device)].to("cpu")
-
-
-def _ids(fmt, prompt: str) -> torch.Tensor:
-    return fmt.encode([prompt])["input_ids"]
-
-
-@torch.no_grad()
 def verify_gguf(
     original_model: torch.nn.Module,
     arch: Architecture,
@@ -271,42 +233,76 @@ def verify_gguf(
     ``unedited``, the same tokens also give the relative gate (``KL(hook || unedited)``) and the
     runtime floor (``KL(original || unedited)``: what llama.cpp's own arithmetic costs).
     ``direction`` None compares with ``original_model`` as it is (e.g. a model baked in transformers).
+    ``api.verify`` calls the halves (:func:`record_for_gguf`, :func:`compare_gguf`) with one
+    model open at a time.
     """
+    rec = record_for_gguf(original_model, arch, direction, prompts, fmt, plain=unedited is not None)
+    try:
+        return compare_gguf(rec, baked, direction is not None, unedited=unedited, unedited_reference=unedited_reference)
+    finally:
+        rec.close()
+
+
+def record_for_gguf(original_model, arch, direction, prompts: list[str], fmt, *, plain: bool) -> OriginalPass:
+    """The original's half of :func:`verify_gguf`: hooked (and, with ``plain``, unhooked) logits, per prompt."""
     if not prompts:
         raise CosmicBakeError("no prompts to verify on", "pass --prompts FILE with at least one prompt")
-    vocab = original_model.get_output_embeddings().weight.shape[0]
-    if baked.n_vocab != vocab:
-        raise CosmicBakeError(
-            f"the original has {vocab} output tokens but the GGUF {baked.n_vocab}",
-            "compare a baked model with the model it was baked from",
-        )
-    ivs = () if direction is None else (_hook(direction),)
+    hook = None if direction is None else _hook(direction)
+    return record_original(original_model, arch, hook, prompts, fmt, 1, measure_unedited=False, keep_plain=plain)
+
+
+def compare_gguf(
+    rec: OriginalPass,
+    baked,
+    hooked: bool,
+    *,
+    unedited=None,
+    unedited_reference: dict | None = None,
+) -> VerifyReport:
+    """The llama.cpp half of :func:`verify_gguf`; ``baked`` and ``unedited`` may be opened one after the other.
+
+    Each of them is a :class:`~cosmic_bake.model.llamacpp.LlamaCppModel`, or a callable that opens
+    one (it is closed here once compared), so that only one llama.cpp model is open at a time.
+    ``hooked``: whether the recorded logits carry a hook (else there is no relative gate).
+    """
     t0 = time.perf_counter()
-    totals, floor, plain = _Totals(), _Totals(), _Totals()
-    for prompt in prompts:
-        ids = _ids(fmt, prompt)
-        tokens = ids[0].tolist()
-        every = torch.ones_like(ids, dtype=torch.bool)
-        with intervene(arch, *ivs):
-            hooked = _real_logits(original_model, {"input_ids": ids}, every)
-        totals.add(hooked, torch.from_numpy(baked.logits(tokens)))
-        if unedited is not None:
-            reference = torch.from_numpy(unedited.logits(tokens))
-            plain.add(hooked, reference)
-            floor.add(_real_logits(original_model, {"input_ids": ids}, every) if ivs else hooked, reference)
-    cls = weight_class(baked.path)
+    model, opened = _open(baked)
+    try:
+        if model.n_vocab != rec.vocab:
+            raise CosmicBakeError(
+                f"the original has {rec.vocab} output tokens but the GGUF {model.n_vocab}",
+                "compare a baked model with the model it was baked from",
+            )
+        (totals,) = compare_llamacpp(rec, model, rec.hooked)
+        cls = weight_class(model.path)
+    finally:
+        if opened:
+            model.close()
+    floor = plain = None
+    if unedited is not None:
+        reference, opened = _open(unedited)
+        try:
+            plain, floor = compare_llamacpp(rec, reference, rec.hooked, rec.plain or rec.hooked)
+        finally:
+            if opened:
+                reference.close()
     mean_tol, top1_tol = GGUF_TOLERANCES[cls]
-    unedited_kl = plain.mean_kl if unedited is not None and ivs else None
+    unedited_kl = plain.mean_kl if plain is not None and hooked else None
     return _report(
         totals,
-        len(prompts),
-        t0,
+        rec.n_prompts,
+        rec.seconds + time.perf_counter() - t0,
         "mean_kl",
         (mean_tol, top1_tol),
         unedited_kl,
         dtype="float32",
         runtime="llama.cpp",
         weight_type=cls,
-        runtime_floor=floor.record() if unedited is not None else None,
+        runtime_floor=floor.record() if floor is not None else None,
         unedited_reference=unedited_reference,
     )
+
+
+def _open(model) -> tuple[object, bool]:
+    """``(model, opened here)``: call a loader, or take an open model as it is."""
+    return (model(), True) if callable(model) else (model, False)

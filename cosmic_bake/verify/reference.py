@@ -10,7 +10,8 @@ The reference costs little:
 - GGUF -> GGUF bakes (source types, ``--edited-type-always``) and llama.cpp LoRA adapters: the
   source GGUF itself;
 - ``--outtype T`` bakes (and files with no manifest): the unedited float model converted and
-  quantized to ``T`` once, kept in the cache folder under the source's hash and reused.
+  quantized to ``T`` once (as ``bake`` writes ``T``: :func:`cosmic_bake.export.gguf_export.write_gguf`),
+  kept in the cache folder under the source's hash and reused.
 """
 
 from __future__ import annotations
@@ -75,7 +76,7 @@ def unedited_gguf(original: str, source, baked: Path) -> tuple[Path, dict]:
 def cached_reference(original: str, outtype: str) -> tuple[Path, dict]:
     """The unedited ``original`` as an ``outtype`` GGUF, made once (convert, then llama.cpp's quantizer)."""
     from cosmic_bake.artifacts import model_hash, source_record
-    from cosmic_bake.export.gguf_convert import convert_folder
+    from cosmic_bake.export.gguf_export import write_gguf
     from cosmic_bake.model.loading import source_folder
 
     source, folder = source_folder(original)
@@ -86,14 +87,7 @@ def cached_reference(original: str, outtype: str) -> tuple[Path, dict]:
         return target, record
     target.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix=f".{target.name}.work-", dir=target.parent) as work:
-        work = Path(work)
-        float_type = outtype if outtype in ggml_quant.FLOAT_OUTTYPES else "f32"
-        float_file = work / "float.gguf"
-        convert_folder(folder, float_file, float_type)
-        final = work / "final.gguf"
-        if outtype in ggml_quant.FLOAT_OUTTYPES:
-            os.replace(float_file, final)
-        else:
-            ggml_quant.quantize_file(float_file, final, outtype)
+        final = Path(work) / "final.gguf"
+        write_gguf(folder, final, outtype)  # q8_0 and float types directly; others via a float file
         os.replace(final, target)
     return target, {**record, "cached": False}
