@@ -1,10 +1,8 @@
 """Write a transformers (HF) checkpoint folder as a float GGUF file that stock llama.cpp runs.
 
-Why our own converter rather than llama.cpp's ``convert_hf_to_gguf.py``: that script is not part of
-any package on PyPI (gguf-py ships the format, not the model conversion), so cosmic-bake could not
-rely on it being installed. What it knows about each architecture is small for the families we
-bake, and gguf-py already holds the tables that matter: the architecture names
-(:data:`gguf.MODEL_ARCH`), which tensors an architecture has (:data:`gguf.MODEL_TENSORS`), the
+Why our own converter rather than llama.cpp's ``convert_hf_to_gguf.py``: that script is in no PyPI
+package (gguf-py ships the format, not the conversion), and gguf-py holds the tables that matter:
+the architecture names (:data:`gguf.MODEL_ARCH`), which tensors an architecture has (:data:`gguf.MODEL_TENSORS`), the
 HF -> GGUF tensor names (:func:`gguf.get_tensor_name_map`), the metadata keys (``GGUFWriter.add_*``)
 and the tokenizer side files (:class:`gguf.SpecialVocab`). This module adds only what llama.cpp
 expects beyond a rename:
