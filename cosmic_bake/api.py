@@ -112,9 +112,6 @@ def select(model: Any = None, output: Any = None, *, session: Session | None = N
     return s.output
 
 
-GGUF_ONLY = ("outtype", "edited_type", "edited_type_always")  # bake options only the GGUF writer takes
-
-
 def bake(model=None, direction=None, output=None, *, session: Session | None = None, inputs: Paths = (), **options):
     """Bake ``direction`` (a run folder) into ``model``; write a folder (``hf``), a ``.gguf`` file or LoRA adapters.
 
@@ -131,27 +128,17 @@ def bake(model=None, direction=None, output=None, *, session: Session | None = N
     if s.format == "lora":
         return export_lora(s, session=session, inputs=inputs, placement=placement)
     paths = _inputs(s, inputs)
-    common = {k: v for k, v in s.group(BakeOptions).items() if k not in GGUF_ONLY + ("max_shard_size",)}
+    options = s.group(BakeOptions)
     if s.format == "gguf":
         from cosmic_bake.bake.gguf import bake_to_gguf
 
-        gguf = {k: getattr(s, k) for k in GGUF_ONLY}
-        return bake_to_gguf(s.model, s.direction, s.output, inputs=paths, settings=s.record(), **common, **gguf)
+        return bake_to_gguf(s.model, s.direction, s.output, inputs=paths, settings=s.record(), **options)
     from cosmic_bake.bake.folder import bake_folder
     from cosmic_bake.model.loading import source_folder
 
     check_target(s.output, force=s.force, inputs=paths)  # before a GGUF source is dequantized
     source, folder = source_folder(s.model)
-    return bake_folder(
-        folder,
-        s.direction,
-        s.output,
-        source=source,
-        inputs=paths,
-        settings=s.record(),
-        max_shard_size=s.max_shard_size,
-        **common,
-    )
+    return bake_folder(folder, s.direction, s.output, source=source, inputs=paths, settings=s.record(), **options)
 
 
 def export_lora(

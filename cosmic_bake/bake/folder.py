@@ -31,6 +31,7 @@ from cosmic_bake.export.safetensors_write import write_index, write_shards
 from cosmic_bake.math.projections import unit
 from cosmic_bake.model.layout import model_layout, text_config
 from cosmic_bake.outputs import atomic_dir, check_target, manifest, write_json
+from cosmic_bake.settings.groups import BakeOptions
 
 # --------------------------------------------------------------------------------------------
 # Plan: one edit per output tensor
@@ -116,36 +117,24 @@ class PreparedBake:
         return shard_sources(self.plan, self.listing, self.vectors, self.constant, coeff)
 
 
-def prepare_bake(
-    folder: Path,
-    direction: Direction | str | Path,
-    *,
-    embeddings: str = "untie",
-    max_shard_size: str | int | None = None,
-    allow_mismatch: bool = False,
-    source=None,
-    mode: str | None = None,
-    alpha: float | None = None,
-    base_model: str | None = None,
-    record_paths: bool = False,
-) -> PreparedBake:
+def prepare_bake(folder: Path, direction: Direction | str | Path, o: BakeOptions, source=None) -> PreparedBake:
     """Plan the bake of ``direction`` into ``folder`` (reads headers and norm gains only; writes nothing).
 
-    The keywords are :func:`bake_folder`'s.
+    ``o`` and ``source`` are :func:`bake_folder`'s options and source.
     """
     from cosmic_bake.artifacts import model_hash
     from cosmic_bake.model.loading import ModelSource
 
     d, scores = load_direction(direction)
-    d = d.with_mode(mode, alpha)
+    d = d.with_mode(o.mode, o.alpha)
     config = load_config(folder)
     d_model = int(getattr(text_config(config), "hidden_size", 0) or 0)
     src = source or ModelSource(str(folder), "folder", path=folder)
-    record = source_record(src, record_paths)
-    if src.kind == "gguf" and record_paths:
+    record = source_record(src, o.record_paths)
+    if src.kind == "gguf" and o.record_paths:
         record["baked_from"] = str(folder)
-    lin = lineage(src, base_model=base_model, folder=folder, model_id=d.model_id)
-    check_direction(d, d_model, model_hash(record), allow_mismatch)
+    lin = lineage(src, base_model=o.base_model, folder=folder, model_id=d.model_id)
+    check_direction(d, d_model, model_hash(record), o.allow_mismatch)
     listing = list_weights(folder)
     layout = model_layout(config)
     placement = None
@@ -158,7 +147,7 @@ def prepare_bake(
         source_config = json.loads((folder / "config.json").read_text(encoding="utf-8"))
         at = 0 if d.mode == "scale" else d.layer  # scale: the constant -beta m r_hat enters with the embedding
         placement = place_constant(layout, shapes, source_config, at, layout.embed_scale)
-        if placement.kind == "embedding" and embeddings == "skip":
+        if placement.kind == "embedding" and o.embeddings == "skip":
             raise CosmicBakeError(
                 "the constant of a layer-0 edit goes into the embedding, which --embeddings skip leaves alone",
                 "drop --embeddings skip",
@@ -166,8 +155,8 @@ def prepare_bake(
     plan = plan_bake(
         layout,
         listing,
-        embeddings=embeddings,
-        max_shard_size=parse_size(max_shard_size),
+        embeddings=o.embeddings,
+        max_shard_size=parse_size(o.max_shard_size),
         remove=d.mode != "add",
         embedding_changes=d.mode != "add" or (placement is not None and placement.kind == "embedding"),
     )
@@ -191,22 +180,18 @@ def bake_folder(
     direction: Direction | str | Path,
     out: str | Path,
     *,
-    embeddings: str = "untie",
-    force: bool = False,
-    max_shard_size: str | int | None = None,
-    allow_mismatch: bool = False,
     source=None,
-    mode: str | None = None,
-    alpha: float | None = None,
     inputs: Iterable[str | os.PathLike] = (),
     settings: dict | None = None,
-    base_model: str | None = None,
-    record_paths: bool = False,
+    **options,
 ) -> BakeReport:
     """Bake linear removal of ``direction`` into the safetensors model in ``source_folder``; write ``out``.
 
     ``direction`` is a :class:`Direction` or a run folder (then its selection scores go into the
-    manifest). ``source`` is the :class:`~cosmic_bake.model.loading.ModelSource` the user named,
+    manifest). ``options`` are :class:`~cosmic_bake.settings.BakeOptions` fields (``embeddings``,
+    ``force``, ``max_shard_size``, ``allow_mismatch``, ``mode``, ``alpha``, ``base_model``,
+    ``record_paths``; the GGUF-only ones are ignored), checked as the CLI checks them. ``source``
+    is the :class:`~cosmic_bake.model.loading.ModelSource` the user named,
     when ``source_folder`` stands in for it (a GGUF's dequantized cache): the direction's model
     hash is checked against, and the manifest records, that source. ``max_shard_size`` reshards
     the output (default: the source's shard files, same names). ``mode`` / ``alpha`` override
@@ -221,6 +206,7 @@ def bake_folder(
     (by default it names the source by Hub id or file name, size and hash, fit to upload).
     """
     t0 = time.perf_counter()
+    o = BakeOptions.build(**options)
     folder = Path(source_folder)
     out = Path(out)
     if not (folder / "config.json").is_file():
@@ -228,19 +214,8 @@ def bake_folder(
     inputs = [folder, *([source.path] if getattr(source, "path", None) else []), *inputs]
     if not isinstance(direction, Direction):
         inputs.append(Path(direction))
-    check_target(out, force=force, inputs=inputs)
-    prep = prepare_bake(
-        folder,
-        direction,
-        embeddings=embeddings,
-        max_shard_size=max_shard_size,
-        allow_mismatch=allow_mismatch,
-        source=source,
-        mode=mode,
-        alpha=alpha,
-        base_model=base_model,
-        record_paths=record_paths,
-    )
+    check_target(out, force=o.force, inputs=inputs)
+    prep = prepare_bake(folder, direction, o, source=source)
     d, scores, plan, listing, layout, placement = (
         prep.direction,
         prep.scores,
@@ -251,7 +226,7 @@ def bake_folder(
     )
     record, lin = prep.record, prep.lineage
     timings = {"plan": time.perf_counter() - t0}
-    with atomic_dir(out, force=force, inputs=inputs) as tmp:
+    with atomic_dir(out, force=o.force, inputs=inputs) as tmp:
         t = time.perf_counter()
         shards = prep.shards()
         with one_thread():
@@ -273,7 +248,7 @@ def bake_folder(
             mode=d.mode,
             alpha=d.alpha,
             selector=d.selector,
-            embeddings=embeddings,
+            embeddings=o.embeddings,
             tied=layout.tied,
             untied=plan.untie,
             edits=plan.counts(),
@@ -290,7 +265,7 @@ def bake_folder(
         report.constant = placement.note if placement else ""
         (tmp / CARD_FILE).write_text(model_card(report, plan, lin), encoding="utf-8")
         extra = {**_manifest_extra(report, d, scores, plan), "lineage": lin.record(), "settings": settings}
-        manifest(tmp, stage="bake", source=record, extra=extra, record_paths=record_paths)
+        manifest(tmp, stage="bake", source=record, extra=extra, record_paths=o.record_paths)
         timings["finish"] = time.perf_counter() - t
     timings["total"] = time.perf_counter() - t0
     return report

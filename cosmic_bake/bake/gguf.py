@@ -21,6 +21,7 @@ from cosmic_bake.artifacts import Direction, gguf_provenance
 from cosmic_bake.bake.gguf_edit import bake_gguf_file
 from cosmic_bake.errors import CosmicBakeError
 from cosmic_bake.export import ggml_quant
+from cosmic_bake.settings.groups import BakeOptions
 
 
 def temp_path(target: Path) -> Path:
@@ -75,22 +76,15 @@ def bake_to_gguf(
     run_dir: Path,
     out: Path,
     *,
-    outtype: str | None = None,
-    edited_type: str = "q8_0",
-    edited_type_always: bool = False,
-    embeddings: str = "untie",
-    force: bool = False,
-    allow_mismatch: bool = False,
-    mode: str | None = None,
-    alpha: float | None = None,
     inputs: Iterable[str | os.PathLike] = (),
     settings: dict | None = None,
-    base_model: str | None = None,
-    record_paths: bool = False,
+    **options,
 ) -> dict:
     """Bake ``run_dir``'s direction into ``model`` and write ``out`` (a .gguf file) plus its manifest.
 
-    ``outtype`` None keeps a GGUF source's tensor types (only edited tensors are re-quantized);
+    ``options`` are :class:`~cosmic_bake.settings.BakeOptions` fields, checked as the CLI checks
+    them (``max_shard_size`` does not apply to a single file). ``outtype`` None keeps a GGUF
+    source's tensor types (only edited tensors are re-quantized);
     for other sources it means f16. Returns the bake section of the manifest. ``out`` (and its
     manifest) may not be, contain or lie inside the model, ``run_dir`` or ``inputs``; ``force``
     replaces only a GGUF that cosmic-bake baked (:func:`cosmic_bake.outputs.check_target`).
@@ -100,11 +94,13 @@ def bake_to_gguf(
     Hub id or file name, size and hash unless ``record_paths``.
     """
     from cosmic_bake.artifacts import check_direction, load_direction, model_hash, source_record
-    from cosmic_bake.export.lineage import check_base_model, gguf_identity, lineage
+    from cosmic_bake.export.lineage import gguf_identity, lineage
     from cosmic_bake.model.loading import model_inputs, resolve, source_folder
     from cosmic_bake.outputs import check_target, replace_file, write_json
     from cosmic_bake.sharing import share_modes
 
+    o = BakeOptions.build(**options)
+    outtype, embeddings, force, record_paths = o.outtype, o.embeddings, o.force, o.record_paths
     out = Path(out)
     inputs = [*model_inputs(model), Path(run_dir), *inputs]
     real = check_target(out, force=force, inputs=inputs, kind="gguf")
@@ -112,17 +108,16 @@ def bake_to_gguf(
         raise CosmicBakeError(f"-o {out} does not end in .gguf", "name the output file like model-baked.gguf")
     if outtype is not None:
         ggml_quant.file_type(outtype)
-    ggml_quant.tensor_type(edited_type)
-    check_base_model(base_model)
+    ggml_quant.tensor_type(o.edited_type)
     source = resolve(model)
     inputs += [source.path] if source.path is not None else []
     d, scores = load_direction(run_dir)
-    d = d.with_mode(mode, alpha)
+    d = d.with_mode(o.mode, o.alpha)
     record = source_record(source, record_paths)
     shash = model_hash(record)
-    check_direction(d, d.direction.numel(), shash, allow_mismatch)
+    check_direction(d, d.direction.numel(), shash, o.allow_mismatch)
     folder = None if source.kind == "gguf" else source_folder(model)[1]
-    lin = lineage(source, base_model=base_model, folder=folder, model_id=d.model_id)
+    lin = lineage(source, base_model=o.base_model, folder=folder, model_id=d.model_id)
     identity = gguf_identity(lin, d.mode, d.alpha)
     t0 = time.perf_counter()
     tmp = temp_path(real)  # beside the real file (a symlinked -o included): the rename stays on one filesystem
@@ -134,8 +129,8 @@ def bake_to_gguf(
                 d,
                 tmp,
                 source_hash=shash,
-                edited_type=edited_type,
-                edited_type_always=edited_type_always,
+                edited_type=o.edited_type,
+                edited_type_always=o.edited_type_always,
                 embeddings=embeddings,
                 identity=identity,
                 source_name=record["name"],
@@ -187,7 +182,7 @@ def _bake_via_safetensors(
 
     timings = {}
     t = time.perf_counter()
-    prep = prepare_bake(folder, d, embeddings=embeddings, source=source, allow_mismatch=True)
+    prep = prepare_bake(folder, d, BakeOptions.build(embeddings=embeddings, allow_mismatch=True), source=source)
     tensors = {name: src for shard in prep.shards().values() for name, src in shard.items()}
     timings["plan"] = time.perf_counter() - t
     with tempfile.TemporaryDirectory(prefix=f".{out.name}.work-", dir=out.parent) as work:
