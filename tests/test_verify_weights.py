@@ -126,6 +126,32 @@ def test_metric_passes_rounding_and_fails_missing_or_partial_edits():
     ]
 
 
+def test_bfloat16_at_llama_width_is_judged_against_its_rounding_floor():
+    """A bf16 writer 4096 wide (Llama-8B's residual): nearest rounding puts back the coordinates the
+    edit moves by under half a step, which leaves ~1% of the component, correlated with ``u``. The
+    best bf16 file deviates by exactly that floor; without it the check failed a perfect bake."""
+    from cosmic_bake.math.projections import project_out_rows_
+    from cosmic_bake.verify.weights_math import judge, moments, tensor_units
+
+    g = torch.Generator().manual_seed(0)
+    d, k = 4096, 256
+    w = (torch.randn(d, k, generator=g) / 64).to(torch.bfloat16)
+    r_hat = unit(torch.randn(d, generator=g, dtype=torch.float64))
+    ablate = prescription(r_hat, r_hat)
+    baked = project_out_rows_(w.clone(), r_hat)
+    [ok] = check_tensor(w, baked, "rows", ablate)
+    assert ok.status == "pass" and ok.deviation == pytest.approx(ok.floor, rel=1e-6)
+    assert 0.003 < ok.residual < 0.03  # the part of the edit bf16 cannot store
+    [x_o], [x_b] = tensor_units(w, "rows"), tensor_units(baked, "rows")
+    no_floor = judge(moments(x_o, x_b, ablate, stored=torch.float64), ablate.u)
+    assert no_floor.status == "fail"  # what the check said before the floor
+    [none] = check_tensor(w, w.clone(), "rows", ablate)
+    assert none.status == "fail" and none.residual == pytest.approx(1.0, abs=0.02)
+    half = (w.double() - 0.5 * torch.outer(r_hat, r_hat @ w.double())).to(torch.bfloat16)
+    [h] = check_tensor(w, half, "rows", ablate)
+    assert h.status == "fail" and h.residual == pytest.approx(0.5, abs=0.03)
+
+
 # --------------------------------------------------------------------------------------------
 # transformers folders
 

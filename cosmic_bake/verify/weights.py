@@ -35,8 +35,13 @@ Metric, per unit (one tensor; one expert of a stacked expert tensor), with ``X_t
   same on every coordinate (float rounding scales with the value: real models have a few
   residual coordinates with much larger weights, and a refusal direction may lean on them); the
   ``1 - sum u^4`` undoes the part of ``S_i`` the projection removed (exact for equal rounding).
-* ``allowance = K * rounding + eps``, ``eps = 1e-9 |X_t|_F / sqrt(d)`` (float64 arithmetic only;
-  30x below float32 rounding).
+* ``floor = |(round(X_t) - X_t) u|`` for a float stored type (float32, float16, bfloat16): what
+  the best file of that type deviates by. Rounding is not independent of the edit: where the
+  edit moves a weight by under half a step, nearest rounding puts it back, so a fraction of the
+  component stays, along ``u``, growing with ``d`` (bfloat16 at ``d = 4096``, Llama-8B's width:
+  ~1% of the edit, deviation / rounding ~6, which failed a perfect bake before the floor).
+* ``allowance = K * rounding + floor + eps``, ``eps = 1e-9 |X_t|_F / sqrt(d)`` (float64
+  arithmetic only; 30x below float32 rounding).
 
 A unit **passes** when ``deviation <= allowance`` and ``residual <= 0.5``; **fails** when
 ``deviation > allowance``; is **unresolved** when within the allowance but with ``residual > 0.5``,

@@ -258,23 +258,31 @@ def check_gguf_files(
             constant if carrier else None,
             divisor if carrier and layout == "cols" else 1.0,
         )
-        units = _judge_pairs(pairs, tgt, per_pair=layout == "rows")
         stored_type = out.type_name(e.name) if e.name in out.by_name else "(missing)"
+        units = _judge_pairs(pairs, tgt, per_pair=layout == "rows", stored=GGUF_FLOATS.get(stored_type.upper()))
         results.append(tensor_result(e.name, gguf_class(e.name), source_type, stored_type, units))
     kind = "gguf (from a transformers folder)" if source.is_dir() else "gguf"
     rows, notes = class_rows(results), class_notes(results, emb)
     return WeightCheck(kind, d.mode, d.alpha, str(source), str(baked), rows, results, notes=notes)
 
 
+# GGUF float types read back widened: the type their values were rounded to (quantized types: none)
+GGUF_FLOATS = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
+
+
 def _judge_pairs(
-    pairs: Iterable[tuple[torch.Tensor, torch.Tensor]], target: Target, per_pair: bool
+    pairs: Iterable[tuple[torch.Tensor, torch.Tensor]], target: Target, per_pair: bool, stored: torch.dtype | None
 ) -> list[UnitResult]:
-    """Judge each pair as its own unit (experts), or all pairs as chunks of one unit."""
+    """Judge each pair as its own unit (experts), or all pairs as chunks of one unit.
+
+    ``stored`` is the baked tensor's float type (None for quantized types: no rounding floor).
+    """
+    floor_type = stored or torch.float64  # widened quantized values: float64 means "no floor"
     if per_pair:
-        return [judge(moments(a, b, target), target.u) for a, b in pairs]
+        return [judge(moments(a, b, target, floor_type), target.u) for a, b in pairs]
     total: Moments | None = None
     for a, b in pairs:
-        mo = moments(a, b, target)
+        mo = moments(a, b, target, floor_type)
         total = mo if total is None else total + mo
     if total is None:  # pragma: no cover - every planned tensor has rows
         raise RuntimeError("no rows to check")

@@ -68,6 +68,7 @@ class Moments:
     orth2: float = 0.0  # |E (I - u u^T)|_F^2
     size2: float = 0.0  # |X_t|_F^2
     col2: torch.Tensor | None = None  # [d]: per coordinate, sum of squared orthogonal errors
+    floor2: float = 0.0  # sum ((round(X_t) - X_t) u)^2: what nearest rounding to the stored float type leaves
 
     def __add__(self, other: Moments) -> Moments:
         cols = [c for c in (self.col2, other.col2) if c is not None]
@@ -79,20 +80,35 @@ class Moments:
             self.orth2 + other.orth2,
             self.size2 + other.size2,
             sum(cols[1:], cols[0]) if cols else None,
+            self.floor2 + other.floor2,
         )
 
 
-def moments(original: torch.Tensor, baked: torch.Tensor, target: Target) -> Moments:
+FLOAT_TYPES = (torch.float32, torch.float16, torch.bfloat16)  # stored types whose rounding floor is computed
+
+
+def stored_float(baked: torch.Tensor, stored: torch.dtype | None) -> torch.dtype | None:
+    """The float type the baked values were stored in (None: quantized, or float64: no floor)."""
+    kind = stored if stored is not None else baked.dtype
+    return kind if kind in FLOAT_TYPES else None
+
+
+def moments(original: torch.Tensor, baked: torch.Tensor, target: Target, stored: torch.dtype | None = None) -> Moments:
     """The sums for residual vectors ``original`` / ``baked`` (``[m, d]``, any float dtype).
 
-    Works in float64 blocks of about :data:`CHUNK_ELEMENTS`, so transposed views of large
-    writers need no float64 copy of the whole tensor.
+    ``stored`` is the float type the baked values were stored in when ``baked`` was widened
+    (a GGUF F16 / BF16 tensor read as float32); default ``baked.dtype``. For a float type the
+    target itself is rounded to it, and what that rounding leaves along ``u`` is the floor no
+    stored file can beat (see the module docstring of :mod:`.weights`). Works in float64 blocks
+    of about :data:`CHUNK_ELEMENTS`, so transposed views of large writers need no float64 copy
+    of the whole tensor.
     """
     if original.shape != baked.shape or original.ndim != 2:
         raise ValueError(f"shapes {tuple(original.shape)} and {tuple(baked.shape)} are not one [m, d] pair")
     d = original.shape[1]
     u = target.u
     total = Moments(d, col2=torch.zeros(d, dtype=torch.float64))
+    floor_type = stored_float(baked, stored)
     step = max(1, CHUNK_ELEMENTS // max(1, d))
     for a in range(0, original.shape[0], step):
         x_o = original[a : a + step].double()
@@ -105,7 +121,12 @@ def moments(original: torch.Tensor, baked: torch.Tensor, target: Target) -> Mome
         e_u2 = float(e_u.square().sum())
         col2 = err.square().sum(0) - 2.0 * u * (e_u @ err) + u.square() * e_u2
         size2 = float(x_o.square().sum() + (2.0 * shift * c_o + shift.square()).sum())
-        total = total + Moments(d, x_o.shape[0], e_u2, float(shift.square().sum()), float(col2.sum()), size2, col2)
+        floor2 = 0.0
+        if floor_type is not None:
+            x_t = x_o + torch.outer(shift, u)
+            floor2 = float(((x_t.to(floor_type).double() - x_t) @ u).square().sum())
+        edit2 = float(shift.square().sum())
+        total = total + Moments(d, x_o.shape[0], e_u2, edit2, float(col2.sum()), size2, col2, floor2)
     return total
 
 
@@ -116,6 +137,7 @@ class UnitResult:
     deviation: float
     edit: float
     rounding: float
+    floor: float  # |(round(X_t) - X_t) u|: the deviation of the best file of the stored float type
     allowance: float
     residual: float  # inf where no edit is prescribed along u but the component moved
     ratio: float
@@ -131,7 +153,8 @@ def judge(mo: Moments, u: torch.Tensor, k: float = K_ALLOWANCE, bound: float = R
     per_coord = math.sqrt(max(float(u2 @ mo.col2), 0.0) / keep) if mo.col2 is not None else 0.0
     rounding = max(iso, per_coord)
     eps = EPS * math.sqrt(mo.size2 / d)
-    allowance = k * rounding + eps
+    floor = math.sqrt(max(mo.floor2, 0.0))
+    allowance = k * rounding + floor + eps
     dev, edit = math.sqrt(mo.dev2), math.sqrt(mo.edit2)
     if edit > 0:
         residual = dev / edit
@@ -144,7 +167,7 @@ def judge(mo: Moments, u: torch.Tensor, k: float = K_ALLOWANCE, bound: float = R
         status = "pass"
     else:
         status = "unresolved"
-    return UnitResult(dev, edit, rounding, allowance, residual, ratio, status)
+    return UnitResult(dev, edit, rounding, floor, allowance, residual, ratio, status)
 
 
 def tensor_units(x: torch.Tensor, layout: str) -> list[torch.Tensor]:
