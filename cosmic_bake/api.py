@@ -261,7 +261,7 @@ def evaluate(model: Any = None, *, session: Session | None = None, inputs: Paths
     base_logits = None
     if s.kl_against is not None:
         ref, _, ref_fmt = session.load_for_eval(s.kl_against, s.runtime, "none", *load, placement=s.placement())
-        base_logits = first_token_logits(ref, ref_fmt, good, _eval_batch(s.batch_size))
+        base_logits = first_token_logits(ref, ref_fmt, good, _eval_batch(s.batch_size, ref))
         del ref
     lm, arch, fmt = session.load_for_eval(s.model, s.runtime, s.kind, *load, placement=s.placement())
     rep = evaluate_model(
@@ -272,7 +272,7 @@ def evaluate(model: Any = None, *, session: Session | None = None, inputs: Paths
         harmless=good,
         intervention=intervention_of(s.kind, s.direction, s.alpha),
         max_new_tokens=s.max_new_tokens,
-        batch_size=_eval_batch(s.batch_size),
+        batch_size=_eval_batch(s.batch_size, lm),
         base_logits=base_logits,
     )
     if s.output is not None:
@@ -284,9 +284,13 @@ def evaluate(model: Any = None, *, session: Session | None = None, inputs: Paths
     return rep
 
 
-def _eval_batch(batch_size: int | str) -> int | str:
-    """Generation batches: at most 32 prompts, or ``auto`` (largest that fits on an accelerator)."""
-    return batch_size if batch_size == "auto" else min(batch_size, 32)
+def _eval_batch(batch_size: int | str, model) -> int:
+    """Generation batches for ``model``: at most 32 prompts from a number; ``auto``: 32 on the CPU,
+    more on an accelerator (halved on out-of-memory)."""
+    from cosmic_bake.model.batching import generation_batch
+    from cosmic_bake.model.devices import input_device
+
+    return generation_batch(batch_size, input_device(model))
 
 
 def sweep(model=None, direction=None, output=None, *, session: Session | None = None, inputs: Paths = (), **options):
@@ -316,7 +320,7 @@ def sweep(model=None, direction=None, output=None, *, session: Session | None = 
         harmful=bad,
         harmless=good,
         max_new_tokens=s.max_new_tokens,
-        batch_size=_eval_batch(s.batch_size),
+        batch_size=_eval_batch(s.batch_size, lm.model),
         max_harmless_refusal=s.max_harmless_refusal,
     )
     with atomic_dir(s.output, force=s.force, inputs=paths) as tmp:

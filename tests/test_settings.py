@@ -42,6 +42,10 @@ for _name in LOADING:
 NEW_DEFAULTS = {(name, "dtype"): "auto" for name in LOADING}
 NEW_CHOICES = {(name, "dtype"): ["auto", "float32", "bfloat16", "float16"] for name in LOADING}
 RETYPED = {(name, key) for name in ("select", "compare") for key in ("limit", "limit_val")}  # text: N or all
+# --batch-size N|auto, auto by default (issue 15: the largest batch that fits on a GPU; on the CPU auto is the
+# old default, 32, or 8 for verify)
+RETYPED |= {(name, "batch_size") for name in LOADING}
+NEW_DEFAULTS |= {(name, "batch_size"): "auto" for name in LOADING}
 
 
 def _params(command: click.Command) -> dict[str, click.Parameter]:
@@ -147,7 +151,8 @@ def test_gguf_type_names_match_the_quantizer():
 @pytest.mark.parametrize(
     ("body", "expect"),
     [
-        ("[select]\nbatch_size = 'many'\n", "recipe [select]: select option 'batch_size' takes int"),
+        ("[select]\nbatch_size = 'many'\n", "recipe [select]: --batch-size 'many' is not a number"),
+        ("[select]\nbatch_size = 0\n", "recipe [select]: --batch-size 0 is not positive"),
         ("[select]\nlimit = 'many'\n", "recipe [select]: limit 'many' is neither a count of at least 1 nor 'all'"),
         ("[bake]\nformat = 'gguf'\n", "recipe [bake] sets 'format', which the run manages"),
         ("[eval]\nmodel = 'x'\n", "recipe [eval] sets 'model', which the run manages"),

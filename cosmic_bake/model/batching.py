@@ -41,6 +41,26 @@ def resolve_batch_size(value: int | str | None, device: torch.device, cpu_defaul
     return int(value)
 
 
+def parse_batch_size(value: int | str) -> int | str:
+    """``--batch-size``: a positive count, or ``auto`` (resolved once the model's device is known)."""
+    if isinstance(value, str) and value.strip().lower() == AUTO:
+        return AUTO
+    if isinstance(value, bool) or (isinstance(value, float) and value != int(value)):
+        raise CosmicBakeError(f"--batch-size '{value}' is not a number", "pass a positive number or auto")
+    return resolve_batch_size(value if isinstance(value, str) else int(value), torch.device("cpu"), 1)
+
+
+GENERATION_CAP = 32  # prompts per generation batch from a number (padding grows with the batch's longest prompt)
+
+
+def generation_batch(value: int | str, device: torch.device) -> int:
+    """Prompts per generation / first-token batch: a number capped at :data:`GENERATION_CAP`;
+    ``auto`` is that cap on the CPU and :data:`GPU_START` on an accelerator (halved on out-of-memory)."""
+    if value == AUTO or value is None:
+        return resolve_batch_size(AUTO, device, GENERATION_CAP)
+    return min(resolve_batch_size(value, device, GENERATION_CAP), GENERATION_CAP)
+
+
 def is_out_of_memory(err: BaseException) -> bool:
     """An allocator's out-of-memory error (CUDA and newer MPS raise ``torch.OutOfMemoryError``)."""
     if isinstance(err, torch.OutOfMemoryError):

@@ -16,6 +16,8 @@ from typing import TYPE_CHECKING
 
 from cosmic_bake.artifacts import Direction
 from cosmic_bake.errors import CosmicBakeError
+from cosmic_bake.model.batching import generation_batch, resolve_batch_size
+from cosmic_bake.model.devices import input_device
 from cosmic_bake.select.candidates import SELECTORS, Batches, collect_candidates
 from cosmic_bake.select.selection import select_sets
 from cosmic_bake.verify.evaluate import EvalReport, evaluate, first_token_logits
@@ -110,7 +112,8 @@ def compare(
     for name in selectors:
         if name not in SELECTORS:
             raise CosmicBakeError(f"unknown selector '{name}'", f"use one of {', '.join(SELECTORS)}")
-    mode, batch_size, max_new_tokens = s.mode, s.batch_size, s.max_new_tokens
+    mode, max_new_tokens, device = s.mode, s.max_new_tokens, input_device(lm.model)
+    batch_size = resolve_batch_size(s.batch_size, device, 32)
     t = time.perf_counter()
     cands = collect_candidates(
         lm.model,
@@ -121,7 +124,7 @@ def compare(
         s.direction_method,
     )
     result = Comparison(mode, [], candidate_seconds=time.perf_counter() - t)
-    eval_batch = min(batch_size, 32)
+    eval_batch = generation_batch(s.batch_size, device)
     base_logits = first_token_logits(lm.model, fmt, eval_harmless, eval_batch)
     base = evaluate(
         lm.model,

@@ -20,6 +20,7 @@ from cosmic_bake.settings.groups import (
     SelectionOptions,
     TrainingSets,
     parse_alphas,
+    parse_batch_size,
 )
 
 MODEL_HELP = "Hub id, model folder, .gguf file or builtin:NAME."
@@ -98,7 +99,11 @@ class VerifySettings(LoadOptions, Recording):
     limit: int | None = opt(None, "Use at most N prompts (per built-in set).", min=1)
     output: Path | None = opt(None, "JSON report to write.", short="-o", record=False)
     force: bool = opt(False, "Replace an earlier cosmic-bake report at -o.")
-    batch_size: int = opt(8, min=1, max=4096)
+    batch_size: int | str = opt(
+        "auto",
+        "Prompts per batch: N, or auto (8 on the CPU, 128 on an accelerator, halved on out-of-memory).",
+        parse=parse_batch_size,
+    )
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -62,6 +62,18 @@ def parse_limit(value: Any) -> int | str:
     return parse(value)
 
 
+BATCH_HELP = (
+    "Prompts per batch: N, or auto (32 on the CPU, 128 on an accelerator, halved on out-of-memory; "
+    "generation at most 32 from a number)."
+)
+
+
+def parse_batch_size(value: Any) -> int | str:
+    from cosmic_bake.model.batching import parse_batch_size as parse
+
+    return parse(value)
+
+
 def parse_alphas(value: Any) -> tuple[float, ...]:
     """``"0,0.5,1"`` (or a list) -> ``(0.0, 0.5, 1.0)`` with a one-line error for anything else."""
     try:
@@ -118,7 +130,7 @@ class LoadOptions(PlacementOptions):
     dtype: str = opt(
         "auto", "auto: bfloat16 on a GPU, float32 on the CPU (scores accumulate in float64).", choices=DTYPES
     )
-    batch_size: int = opt(32, min=1, max=4096)
+    batch_size: int | str = opt("auto", BATCH_HELP, parse=parse_batch_size)
 
 
 @dataclass(frozen=True, kw_only=True)
