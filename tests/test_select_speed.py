@@ -48,8 +48,7 @@ def _select(model, arch, fmt, **kw):
         harmless_train=HARMLESS,
         harmful_val=VAL_HARMFUL,
         harmless_val=VAL_HARMLESS,
-        batch_size=4,
-        **kw,
+        **{"batch_size": 4, **kw},
     )
 
 
@@ -206,3 +205,48 @@ def test_ace_scores_equal_the_official_hooks(arch, eval_layers, tiny_model_facto
         diff = (ours - theirs).abs()[real & after]
         assert float(diff.max()) < 2e-5, f"{name}: max |difference| {float(diff.max()):.3g}"
         torch.testing.assert_close(ours[real], theirs[real], rtol=0, atol=2e-5)
+
+
+@pytest.mark.parametrize(
+    ("arch", "mode", "selector"),
+    [
+        ("llama", "ablate", "cosmic"),
+        ("qwen2", "ace", "cosmic"),
+        ("gemma2", "ablate", "cosmic"),
+        ("mixtral", "affine", "cosmic"),
+        ("phi3", "ablate", "cosmic"),
+        ("llama", "affine", "refusal-score"),
+    ],
+)
+def test_stacked_candidates_equal_one_pass_each(arch, mode, selector, tiny_model_factory, monkeypatch):
+    """All positions of a layer are scored in one pass over stacked copies of each packed row; every
+    score equals one pass per candidate to float error (two batches per set: the concatenation too)."""
+    import cosmic_bake.select.scoring as scoring
+
+    model, info, fmt = _load(tiny_model_factory(arch, num_layers=4, seed=5))
+    kw = {"selector": selector, "mode": mode, "kl_threshold": math.inf, "all_scores": True, "batch_size": 2}
+    grids, passes = [], []
+    make_grid, run_stacked = scoring._grid, scoring._run_stacked
+
+    def kept(*args):
+        grids.append(make_grid(*args))
+        return grids[-1]
+
+    def counted(model, arch, batches, ivs, **options):
+        passes.append(len(ivs))
+        return run_stacked(model, arch, batches, ivs, **options)
+
+    def one_each(model, arch, batches, ivs, **options):
+        done = [run_stacked(model, arch, batches, [iv], **options) for iv in ivs]
+        return [d[0][0] for d in done], [d[1][0] for d in done]
+
+    monkeypatch.setattr(scoring, "_grid", kept)
+    outcomes = []
+    for run in (counted, one_each):
+        monkeypatch.setattr(scoring, "_run_stacked", run)
+        outcomes.append(_outcome(lambda: _select(model, info, fmt, **kw).chosen))
+    assert max(passes) == fmt.n_positions > 1  # the stacked path really stacked
+    stacked, single = grids
+    for a, b in zip(stacked.named().values(), single.named().values()):
+        torch.testing.assert_close(a, b, rtol=0, atol=2e-6, equal_nan=True)
+    assert outcomes[0] == outcomes[1]

@@ -1,9 +1,10 @@
 """Projections used by the interventions and by baking.
 
 Shapes: ``x`` is ``[..., d]`` (a batch of residual-stream vectors), ``r`` and ``r_hat`` are
-``[d]``. The unit direction is computed as ``r / (|r| + 1e-8)`` exactly as the COSMIC and
-Arditi et al. reference code does, so that a zero candidate (for example the difference of means
-at a position where every prompt has the same token at layer 0) becomes a no-op instead of NaN.
+``[d]``, or for the runtime hooks a stack ``[K, 1, d]`` (one direction per batch row). The unit
+direction is computed as ``r / (|r| + 1e-8)`` exactly as the COSMIC and Arditi et al. reference
+code does, so that a zero candidate (for example the difference of means at a position where
+every prompt has the same token at layer 0) becomes a no-op instead of NaN.
 """
 
 from __future__ import annotations
@@ -18,6 +19,14 @@ def unit(r: torch.Tensor) -> torch.Tensor:
     return r / (r.norm(dim=-1, keepdim=True) + UNIT_EPS)
 
 
+def along(x: torch.Tensor, r_hat: torch.Tensor) -> torch.Tensor:
+    """``x . r_hat`` as ``[..., 1]``: ``r_hat`` ``[d]`` for every vector, or a stack ``[K, 1, d]``
+    with one direction per batch row of ``x [K, T, d]`` (selection scores K candidates per pass)."""
+    if r_hat.ndim == 1:
+        return (x @ r_hat).unsqueeze(-1)
+    return x @ r_hat.transpose(-1, -2)
+
+
 def remove_component_(x: torch.Tensor, r_hat: torch.Tensor) -> torch.Tensor:
     """``x <- x - (x . r_hat) r_hat``: linear removal (LCE ablation), in place.
 
@@ -26,7 +35,7 @@ def remove_component_(x: torch.Tensor, r_hat: torch.Tensor) -> torch.Tensor:
     what a reader of block ``l - 1``'s output sees. Matching the reference scores needs that.
     """
     r_hat = r_hat.to(x)
-    x -= (x @ r_hat).unsqueeze(-1) * r_hat
+    x -= along(x, r_hat) * r_hat
     return x
 
 
@@ -41,8 +50,9 @@ def scale_component_(x: torch.Tensor, r_hat: torch.Tensor, beta: float, midpoint
 
 
 def affine_target(mu: torch.Tensor, r: torch.Tensor, r_hat: torch.Tensor, alpha: float) -> torch.Tensor:
-    """The vector ACE adds after removal: ``(mu . r_hat) r_hat + alpha * r``."""
-    return (mu @ r_hat) * r_hat + alpha * r
+    """The vector ACE adds after removal: ``(mu . r_hat) r_hat + alpha * r`` (rows of a ``[K, d]`` stack each)."""
+    dot = mu @ r_hat if r_hat.ndim == 1 else (mu * r_hat).sum(-1, keepdim=True)
+    return dot * r_hat + alpha * r
 
 
 def project_out_rows(weight: torch.Tensor, r_hat: torch.Tensor) -> torch.Tensor:

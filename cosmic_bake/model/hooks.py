@@ -50,7 +50,7 @@ class Intervention:
     """
 
     kind: str
-    direction: torch.Tensor
+    direction: torch.Tensor  # [d]; or a stack [K, d] (and ``reference`` too): batch row k gets row k
     layer: int | None = None
     alpha: float = 1.0
     reference: torch.Tensor | None = None
@@ -103,6 +103,21 @@ class Intervention:
         return affine_target(mu, r, r_hat, self.alpha)
 
 
+def stacked(interventions: list[Intervention]) -> Intervention:
+    """One intervention whose batch row ``k`` gets ``interventions[k]`` (same kind, layer and alpha).
+
+    Selection stacks the candidates of one layer: a pass over K copies of a packed prompt row
+    scores K candidates, with the same result per row as K passes (rows never see each other).
+    """
+    first = interventions[0]
+    if any((iv.kind, iv.layer, iv.alpha) != (first.kind, first.layer, first.alpha) for iv in interventions):
+        raise ValueError("stacked interventions must share kind, layer and alpha")
+    reference = None if first.reference is None else torch.stack([iv.reference for iv in interventions])
+    return Intervention(
+        first.kind, torch.stack([iv.direction for iv in interventions]), first.layer, first.alpha, reference
+    )
+
+
 BAKED_MODES = ("ablate", "add", "affine", "scale")
 
 
@@ -140,7 +155,8 @@ class _Cast:
     """
 
     def __init__(self, v: torch.Tensor) -> None:
-        self.v = v.detach().to("cpu")
+        v = v.detach().to("cpu")
+        self.v = v.unsqueeze(-2) if v.ndim == 2 else v  # a stack [K, d] edits batch row k with row k
         self.cache: dict[tuple, torch.Tensor] = {}
 
     def like(self, x: torch.Tensor) -> torch.Tensor:
@@ -228,7 +244,7 @@ def writer_directions(arch: Architecture, r_hat: torch.Tensor) -> list[tuple[tor
 def register(arch: Architecture, iv: Intervention) -> list[torch.utils.hooks.RemovableHandle]:
     """Register the hooks for ``iv``; the caller removes the returned handles."""
     r = iv.direction.detach().to(torch.float64)
-    if r.shape != (arch.d_model,):
+    if r.ndim not in (1, 2) or r.shape[-1] != arch.d_model or (r.ndim == 2 and iv.kind == "scale"):
         raise CosmicBakeError(
             f"direction has shape {tuple(r.shape)} but the model's hidden size is {arch.d_model}",
             "use a direction selected on this model",

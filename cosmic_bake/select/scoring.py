@@ -10,8 +10,8 @@ from dataclasses import dataclass, field
 import torch
 
 from cosmic_bake.math import scores as S
-from cosmic_bake.model.forward import Recorded, forward
-from cosmic_bake.model.hooks import Intervention, intervene
+from cosmic_bake.model.forward import Recorded, forward, stack_rows
+from cosmic_bake.model.hooks import Intervention, intervene, stacked
 from cosmic_bake.progress import note, progress
 from cosmic_bake.select.candidates import Batches, Candidates
 from cosmic_bake.select.replay import BlockInputs
@@ -91,21 +91,45 @@ def _replay(base: _Baseline, b: int, layer: int, n_layers: int) -> dict[int, tor
 
 def _run(model, arch, batches: Batches, iv: Intervention, *, layers=None, logits=False, stop=None, base=None):
     """Run ``batches`` under ``iv``; returns (outputs [n,k,d] or None, list of logits)."""
-    outs, lg = [], []
-    single = iv.kind in ("add", "affine")  # edits at one layer: the layers before it can be replayed
+    outs, lg = _run_stacked(model, arch, batches, [iv], layers=layers, logits=logits, stop=stop, base=base)
+    return outs[0], lg[0]
+
+
+def _run_stacked(
+    model, arch, batches: Batches, ivs: list[Intervention], *, layers=None, logits=False, stop=None, base=None
+):
+    """Run ``batches`` once under each of ``ivs`` (same kind and layer), as stacked rows of one pass
+    where the batches are packed rows; returns per intervention (outputs [n,k,d] or None, logits)."""
+    k = len(ivs)
+    outs: list[list[torch.Tensor]] = [[] for _ in ivs]
+    lg: list[list[torch.Tensor]] = [[] for _ in ivs]
+    single = ivs[0].kind in ("add", "affine")  # edits at one layer: the layers before it can be replayed
     n = len(batches.encoded)
     # Taken before the hooks go in: the recorded inputs move forward without the intervention.
-    replays = [_replay(base, b, iv.layer, arch.n_layers) if (single and base is not None) else None for b in range(n)]
-    with intervene(arch, iv):
+    layer = ivs[0].layer
+    replays = [_replay(base, b, layer, arch.n_layers) if (single and base is not None) else None for b in range(n)]
+    if k > 1 and not all("ends" in batch for batch in batches.encoded):  # padded batches: one pass each
+        done = [
+            _run_stacked(model, arch, batches, [iv], layers=layers, logits=logits, stop=stop, base=base) for iv in ivs
+        ]
+        return [o[0][0] for o in done], [o[1][0] for o in done]
+    with intervene(arch, stacked(ivs) if k > 1 else ivs[0]):
         for b, batch in enumerate(batches.encoded):
             rec: Recorded = forward(
-                model, arch, batch, output_layers=layers, logits=logits, stop_after=stop, replay=replays[b]
+                model,
+                arch,
+                stack_rows(batch, k),
+                output_layers=layers,
+                logits=logits,
+                stop_after=stop,
+                replay=replays[b],
             )
-            if layers:
-                outs.append(rec.outputs)
-            if logits:
-                lg.append(rec.logits)
-    return (torch.cat(outs) if outs else None), lg
+            for c in range(k):
+                if layers:
+                    outs[c].append(rec.outputs.unflatten(0, (k, -1))[c])
+                if logits:
+                    lg[c].append(rec.logits.unflatten(0, (k, -1))[c])
+    return [torch.cat(o) if o else None for o in outs], lg
 
 
 def _interventions(mode: str, cands: Candidates, i: int, layer: int) -> tuple[Intervention, Intervention]:
@@ -124,12 +148,15 @@ def _stop_layer(eval_layers: list[int]) -> int:
     return max(eval_layers)
 
 
-def _fill_grids(P: int, L: int, scores, n: int, desc: str) -> list[torch.Tensor]:
-    """``n`` ``[P, L]`` float64 grids filled by ``scores(i, layer) -> n values``, with a progress bar."""
+def _fill_grids(P: int, L: int, scores_at, n: int, desc: str) -> list[torch.Tensor]:
+    """``n`` ``[P, L]`` float64 grids filled by ``scores_at(layer) -> per position, n values``.
+
+    Layer by layer (the replay keeps one block's inputs), all positions of a layer in one stacked
+    pass per prompt set, with a progress bar counting layers.
+    """
     grids = torch.full((n, P, L), math.nan, dtype=torch.float64)
-    cells = [(i, layer) for layer in range(L) for i in range(P)]  # layer by layer: one block's inputs kept
-    for i, layer in progress(cells, desc, total=len(cells)):
-        grids[:, i, layer] = torch.tensor(scores(i, layer), dtype=torch.float64)
+    for layer in progress(range(L), f"{desc}, {P} per pass", total=L):
+        grids[:, :, layer] = torch.tensor(scores_at(layer), dtype=torch.float64).T
     return [g.clone() for g in grids]
 
 
@@ -162,12 +189,16 @@ def _duration(seconds: float) -> str:
     return f"{seconds / 3600:.1f} h"
 
 
-def _grid(names, P: int, L: int, pair, kl_of, all_scores: bool, desc: str) -> ScoreGrid:
-    """The grid of ``pair(i, layer) -> (first, second)`` and ``kl_of``: all now, or KL on demand."""
+def _grid(names, P: int, L: int, pairs, kl_of, all_scores: bool, desc: str) -> ScoreGrid:
+    """The grid of ``pairs(layer) -> per position (first, second)`` and ``kl_of``: all now, or KL on demand."""
     if all_scores:
-        first, second, kl = _fill_grids(P, L, lambda i, layer: (*pair(i, layer), kl_of(i, layer)), 3, desc)
+
+        def triples(layer: int) -> list[tuple[float, float, float]]:
+            return [(*pair, kl_of(i, layer)) for i, pair in enumerate(pairs(layer))]
+
+        first, second, kl = _fill_grids(P, L, triples, 3, desc)
         return ScoreGrid(names, first, second, kl)
-    first, second = _fill_grids(P, L, pair, 2, desc)
+    first, second = _fill_grids(P, L, pairs, 2, desc)
     kl = torch.full((P, L), math.nan, dtype=torch.float64)
     return ScoreGrid(names, first, second, kl, torch.zeros((P, L), dtype=torch.bool), kl_of)
 
@@ -191,11 +222,11 @@ def score_cosmic(
     base_logits = torch.cat(base_harmless.logits)
     stop = _stop_layer(eval_layers)
 
-    def pair(i: int, layer: int) -> tuple[float, float]:
-        iv_c, iv_r = _interventions(mode, cands, i, layer)
-        out_c, _ = _run(model, arch, harmful_val, iv_c, layers=eval_layers, stop=stop, base=base_harmful)
-        out_r, _ = _run(model, arch, harmless_val, iv_r, layers=eval_layers, stop=stop, base=base_harmless)
-        return S.pooled_cosine(out_c, b_minus), S.pooled_cosine(out_r, b_plus)
+    def pairs(layer: int) -> list[tuple[float, float]]:
+        comply, refuse = zip(*(_interventions(mode, cands, i, layer) for i in range(P)))
+        outs_c, _ = _run_stacked(model, arch, harmful_val, comply, layers=eval_layers, stop=stop, base=base_harmful)
+        outs_r, _ = _run_stacked(model, arch, harmless_val, refuse, layers=eval_layers, stop=stop, base=base_harmless)
+        return [(S.pooled_cosine(c, b_minus), S.pooled_cosine(r, b_plus)) for c, r in zip(outs_c, outs_r)]
 
     def kl_of(i: int, layer: int) -> float:
         iv_c, _ = _interventions(mode, cands, i, layer)
@@ -204,7 +235,7 @@ def score_cosmic(
 
     part = (stop + 1) / L  # comply and refuse passes end after the last evaluation layer
     note(expected_seconds(P * L, part * (t_hf + t_hl), t_hl, all_scores))
-    grid = _grid(("s_comply", "s_refuse", "kl"), P, L, pair, kl_of, all_scores, "scoring candidates")
+    grid = _grid(("s_comply", "s_refuse", "kl"), P, L, pairs, kl_of, all_scores, "scoring candidates")
     grid.kept_bytes = base_harmful.kept_bytes + base_harmless.kept_bytes
     return grid
 
@@ -243,12 +274,12 @@ def score_refusal(
     base_harmful, t_hf = _timed(_baseline, model, arch, harmful_val, [], keep_inputs=mode == "ace")
     base_logits = torch.cat(base_harmless.logits)
 
-    def pair(i: int, layer: int) -> tuple[float, float]:
-        iv_c, iv_r = _interventions(mode, cands, i, layer)
-        _, lg_h = _run(model, arch, harmful_val, iv_c, logits=True, base=base_harmful)
-        _, lg_s = _run(model, arch, harmless_val, iv_r, logits=True, base=base_harmless)
-        odds = (refusal_log_odds(torch.cat(lg), ids).mean() for lg in (lg_h, lg_s))
-        return tuple(float(v) for v in odds)
+    def pairs(layer: int) -> list[tuple[float, float]]:
+        comply, refuse = zip(*(_interventions(mode, cands, i, layer) for i in range(P)))
+        _, lg_h = _run_stacked(model, arch, harmful_val, comply, logits=True, base=base_harmful)
+        _, lg_s = _run_stacked(model, arch, harmless_val, refuse, logits=True, base=base_harmless)
+        odds = [[float(refusal_log_odds(torch.cat(lg), ids).mean()) for lg in per] for per in (lg_h, lg_s)]
+        return list(zip(*odds))
 
     def kl_of(i: int, layer: int) -> float:
         iv_c, _ = _interventions(mode, cands, i, layer)
@@ -257,7 +288,7 @@ def score_refusal(
 
     note(expected_seconds(P * L, t_hf + t_hl, t_hl, all_scores))
     names = ("refusal_score", "steering_score", "kl")
-    grid = _grid(names, P, L, pair, kl_of, all_scores, "scoring candidates (refusal tokens)")
+    grid = _grid(names, P, L, pairs, kl_of, all_scores, "scoring candidates (refusal tokens)")
     grid.kept_bytes = base_harmful.kept_bytes + base_harmless.kept_bytes
     return grid
 
