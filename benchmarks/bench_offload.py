@@ -113,9 +113,11 @@ def main() -> int:
         rows["offload"] = _child(args.model, work, "offload", args)
         chosen_a, cands_a = _selection(work / "run_memory")
         chosen_b, cands_b = _selection(work / "run_offload")
-    worst = max(
-        abs(a[k] - b[k]) for a, b in zip(cands_a, cands_b) for k in ("s_comply", "s_refuse", "kl") if a[k] == a[k]
-    )
+    both = [(a[k], b[k]) for a, b in zip(cands_a, cands_b) for k in ("s_comply", "s_refuse", "kl")]
+    # scores both computed (a KL select did not need is null), NaN aside
+    worst = max((abs(x - y) for x, y in both if x is not None and y is not None and x == x), default=0.0)
+    uncomputed = sum(x is None for x, _ in both)
+    same_nulls = all((x is None) == (y is None) for x, y in both)
     va, vb = rows["memory"]["verify"], rows["offload"]["verify"]
     report = {
         "model": args.model,
@@ -124,6 +126,8 @@ def main() -> int:
         "same_choice": chosen_a == chosen_b,
         "chosen": chosen_a,
         "max_score_diff": worst,
+        "scores_not_computed": uncomputed,
+        "same_scores_computed": same_nulls,
         "same_completions": rows["memory"]["eval"]["completions"] == rows["offload"]["eval"]["completions"],
         "harmless_kl_diff": abs(rows["memory"]["eval"]["harmless_kl"] - rows["offload"]["eval"]["harmless_kl"]),
         "verify_diff": {k: abs(va[k] - vb[k]) for k in va if k != "passed"},
