@@ -221,11 +221,11 @@ def baked_settings(baked: str) -> tuple[str, float] | None:
 
     path = Path(baked)
     if path.suffix.lower() == ".gguf" and path.is_file():
-        from cosmic_bake.export.gguf_io import field_value, open_gguf
+        from cosmic_bake.export.gguf_io import read_metadata
 
-        reader = open_gguf(path)
-        mode = field_value(reader, "cosmic_bake.mode")
-        return (str(mode), float(field_value(reader, "cosmic_bake.alpha", 0.0))) if mode else None
+        keys = read_metadata(path, "cosmic_bake.")
+        mode = keys.get("cosmic_bake.mode")
+        return (str(mode), float(keys.get("cosmic_bake.alpha", 0.0))) if mode else None
     manifest = path / "manifest.json"
     if manifest.is_file():
         fix = "restore the manifest.json the bake wrote, or bake the folder again"

@@ -165,9 +165,9 @@ def _foreign_gguf(path: Path) -> str | None:
         return None if _is_empty_dir(path) else "is a folder, not a GGUF file"
     if path.exists():
         try:
-            from cosmic_bake.export.gguf_io import open_gguf
+            from cosmic_bake.export.gguf_io import read_metadata
 
-            keys = list(open_gguf(path).fields)
+            keys = list(read_metadata(path, "cosmic_bake."))
         except Exception:  # noqa: BLE001 - anything unreadable is not ours
             keys = []
         if not any(k.startswith("cosmic_bake.") for k in keys):

@@ -247,3 +247,38 @@ def test_four_bit_gguf_runs_in_llama_cpp_and_verifies(outtype, tiny_model_factor
     assert 0 < result["mean_kl"] <= GGUF_TOLERANCES["4-bit"][0] and result["ratio"] <= RATIO_MAX
     assert done.returncode == (0 if result["passed"] else 1)
     assert all(reason.startswith("top-1 agreement") for reason in result["reasons"]), result["reasons"]
+
+
+def test_header_metadata_equals_gguf_py(tmp_path):
+    """The header-only reader (provenance reads a few general.* keys) gives gguf-py's values for every
+    key kind: strings, string and number arrays, integers of each width, floats and booleans."""
+    import numpy as np
+    from gguf import GGUFWriter
+
+    from cosmic_bake.export.gguf_io import read_metadata
+
+    path = tmp_path / "kinds.gguf"
+    w = GGUFWriter(str(path), "llama")
+    w.add_name("A model")
+    w.add_string("general.source.repo_url", "https://huggingface.co/owner/name")
+    w.add_array("tokenizer.ggml.tokens", ["a", "bé", "", "long token"])
+    w.add_array("general.tags", ["x", "y"])
+    w.add_array("tokenizer.ggml.scores", [0.5, -1.25])
+    w.add_uint8("k.u8", 7)
+    w.add_int16("k.i16", -3)
+    w.add_uint32("k.u32", 2**31)
+    w.add_int64("k.i64", -(2**40))
+    w.add_uint64("k.u64", 2**50)
+    w.add_float64("k.f64", 0.1)
+    w.add_float32("k.f32", 1.5)
+    w.add_bool("k.bool", True)
+    w.add_tensor("t", np.zeros((2, 3), dtype=np.float32))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    reader = open_gguf(path)
+    expected = {k: f.contents() for k, f in reader.fields.items() if not k.startswith("GGUF.")}
+    assert read_metadata(path) == expected
+    assert read_metadata(path, "general.") == {k: v for k, v in expected.items() if k.startswith("general.")}
+    assert read_metadata(path, "k.")["k.u64"] == 2**50

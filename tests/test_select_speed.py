@@ -250,3 +250,30 @@ def test_stacked_candidates_equal_one_pass_each(arch, mode, selector, tiny_model
     for a, b in zip(stacked.named().values(), single.named().values()):
         torch.testing.assert_close(a, b, rtol=0, atol=2e-6, equal_nan=True)
     assert outcomes[0] == outcomes[1]
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "mixtral", "phi3"])
+def test_a_shared_prefix_scores_as_a_copy_per_prompt(arch, tiny_model_factory):
+    """The prompts' common prefix (template header and system prompt) is computed once per packed
+    row; candidates, every score and the choice equal those of a full copy per prompt."""
+    model, info, fmt = _load(tiny_model_factory(arch, num_layers=4, seed=7))
+    fmt = ChatFormat(fmt.tokenizer, system_prompt="You are a careful assistant who answers every question in full.")
+    row, plain = fmt.encode_packed(VAL_HARMFUL, share_prefix=True), fmt.encode_packed(VAL_HARMFUL)
+    assert "prefix_mask" in row and row["input_ids"].shape[1] <= plain["input_ids"].shape[1] - 20
+    kw = {"kl_threshold": math.inf, "all_scores": True}
+    shared, copies = _select(model, info, fmt, **kw), _select(model, info, fmt, share_prefix=False, **kw)
+    torch.testing.assert_close(shared.candidates.directions, copies.candidates.directions, rtol=0, atol=1e-5)
+    for a, b in zip(shared.grid.named().values(), copies.grid.named().values()):
+        torch.testing.assert_close(a, b, rtol=0, atol=2e-6, equal_nan=True)
+    assert shared.chosen == copies.chosen
+
+
+def test_no_shared_prefix_past_a_sliding_window(tiny_model_factory):
+    """One mask serves every layer, so a prompt longer than a sliding window is never shared."""
+    from cosmic_bake.model.architecture import sliding_window
+
+    model, _, fmt = _load(tiny_model_factory("gemma2", num_layers=4))
+    assert sliding_window(model) == 8
+    assert "prefix_mask" not in fmt.encode_packed(VAL_HARMFUL, share_prefix=True, window=8)
+    assert "prefix_mask" in fmt.encode_packed(VAL_HARMFUL, share_prefix=True)
+    assert sliding_window(_load(tiny_model_factory("qwen2", num_layers=4))[0]) is None

@@ -52,6 +52,59 @@ def open_gguf(path: Path) -> GGUFReader:
     return reader
 
 
+# GGUF value types (the spec's numbering) -> struct format of one scalar
+_SCALARS = {0: "B", 1: "b", 2: "H", 3: "h", 4: "I", 5: "i", 6: "f", 7: "?", 10: "Q", 11: "q", 12: "d"}
+_STRING, _ARRAY = 8, 9
+
+
+def read_metadata(path: Path, prefix: str = "") -> dict:
+    """The metadata keys starting with ``prefix``, read from the header alone.
+
+    gguf-py's reader builds every field on opening, the tokenizer's vocabulary arrays included
+    (about 3 s for a 49k-token vocabulary on two cores); provenance needs a few ``general.*``
+    strings. Arrays are skipped without being decoded unless their key is asked for.
+    """
+    import mmap
+    import struct
+
+    with open(check_magic(path), "rb") as fh, mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ) as buf:
+        version, _n_tensors, n_kv = struct.unpack_from("<IQQ", buf, 4)
+        if version > 0xFFFF:  # a big-endian file: leave it to gguf-py
+            reader = open_gguf(path)
+            return {k: f.contents() for k, f in reader.fields.items() if k.startswith(prefix)}
+        at, out = 24, {}
+
+        def scalar(kind: int, at: int):
+            if kind == _STRING:
+                (n,) = struct.unpack_from("<Q", buf, at)
+                return bytes(buf[at + 8 : at + 8 + n]).decode("utf-8", "replace"), at + 8 + n
+            fmt = "<" + _SCALARS[kind]
+            return struct.unpack_from(fmt, buf, at)[0], at + struct.calcsize(fmt)
+
+        for _ in range(n_kv):
+            (n,) = struct.unpack_from("<Q", buf, at)
+            key = bytes(buf[at + 8 : at + 8 + n]).decode("utf-8", "replace")
+            (kind,) = struct.unpack_from("<I", buf, at + 8 + n)
+            at += 12 + n
+            wanted = key.startswith(prefix)
+            if kind != _ARRAY:
+                value, at = scalar(kind, at)
+            else:
+                item, count = struct.unpack_from("<IQ", buf, at)
+                at += 12
+                if item != _STRING and not wanted:
+                    at += count * struct.calcsize(_SCALARS[item])
+                    continue
+                value = []
+                for _ in range(count):
+                    v, at = scalar(item, at)
+                    if wanted:
+                        value.append(v)
+            if wanted:
+                out[key] = value
+        return out
+
+
 def field_value(reader: GGUFReader, key: str, default=None):
     """One metadata value as a Python object (str, int, float, list), or ``default``."""
     field = reader.fields.get(key)

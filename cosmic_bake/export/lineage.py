@@ -73,18 +73,10 @@ def hub_id_from_url(url: object) -> str | None:
 
 
 def gguf_keys(path: Path) -> dict:
-    """The ``general.*`` keys of a GGUF file (strings and numbers as Python values)."""
-    from cosmic_bake.export.gguf_io import open_gguf
+    """The ``general.*`` keys of a GGUF file (strings and numbers as Python values), from its header."""
+    from cosmic_bake.export.gguf_io import read_metadata
 
-    reader = open_gguf(path)
-    out = {}
-    for key, field in reader.fields.items():
-        if key.startswith("general."):
-            try:
-                out[key] = field.contents()
-            except Exception:  # noqa: BLE001 - an odd value type is simply not used
-                continue
-    return out
+    return read_metadata(path, "general.")
 
 
 def _gguf_hub_id(keys: dict) -> tuple[str | None, str]:

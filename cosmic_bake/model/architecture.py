@@ -327,3 +327,20 @@ def embed_scale(model: nn.Module, embed: nn.Embedding, first_block: nn.Module) -
 
 class _Seen(Exception):
     """Stops the measuring forward pass at block 0."""
+
+
+def sliding_window(model: nn.Module) -> int | None:
+    """The smallest sliding attention window any layer uses (None: every layer attends to everything).
+
+    Qwen2 configs carry a window they do not use (``use_sliding_window`` False); Gemma 2/3 list
+    their layer kinds; Mistral and Phi-3 apply ``sliding_window`` whenever it is set.
+    """
+    config = getattr(model, "config", None)
+    config = getattr(config, "text_config", None) or config
+    window = getattr(config, "sliding_window", None)
+    if not window or getattr(config, "use_sliding_window", True) is False:
+        return None
+    kinds = getattr(config, "layer_types", None)
+    if kinds is not None and not any("sliding" in str(k) for k in kinds):
+        return None
+    return int(window)

@@ -31,6 +31,19 @@ def read_template_option(value: str | None) -> str | None:
     return value
 
 
+MIN_SHARED = 2  # shared prefix tokens worth a custom attention mask
+
+
+def shared_prefix_length(rows: list[list[int]], keep: int) -> int:
+    """How many leading tokens every row shares, leaving at least ``keep`` + 1 tokens of each its own
+    (the candidate positions, the last ``keep`` tokens, must lie in each prompt's own part)."""
+    limit = min(len(row) for row in rows) - keep - 1
+    m = 0
+    while m < limit and all(row[m] == rows[0][m] for row in rows):
+        m += 1
+    return max(m, 0)
+
+
 def _is_jinja(template: str) -> bool:
     return "{{" in template or "{%" in template
 
@@ -89,23 +102,52 @@ class ChatFormat:
         batch = self.tokenizer(texts, padding=True, return_tensors="pt", add_special_tokens=not self.uses_chat_template)
         return {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
 
-    def encode_packed(self, instructions: list[str]) -> dict[str, torch.Tensor]:
+    def encode_packed(
+        self, instructions: list[str], share_prefix: bool = False, window: int | None = None
+    ) -> dict[str, torch.Tensor]:
         """All instructions in one row, no padding: ``input_ids``, ``position_ids`` and ``ends``.
 
         Positions restart at 0 for each prompt; transformers then builds a block-diagonal causal
         mask (its packed-sequence support), so each prompt attends only to itself. Padding wastes a
         third of the compute on short prompt sets; packing removes it. ``ends`` holds the index
         of each prompt's last token in the row.
+
+        ``share_prefix``: the token prefix every prompt starts with (the template header and its
+        system prompt: half the tokens of SmolLM2's short prompts) is written once at the start of
+        the row, and each prompt's own tokens follow with their positions continuing from it. A
+        ``prefix_mask`` (bool ``[1, 1, T, T]``, True where a token may attend) lets each prompt see
+        the shared prefix and itself, causally: the same attention as its own copy of the prefix,
+        and per-token edits act on the prefix as they would on every copy. Used when at least
+        :data:`MIN_SHARED` tokens are shared by two or more prompts, and no prompt is longer than
+        the model's sliding attention ``window`` (the one mask serves every layer, so a window
+        must not cut anything).
         """
         texts = [self.render(i) for i in instructions]
         rows = self.tokenizer(texts, add_special_tokens=not self.uses_chat_template)["input_ids"]
         for k, row in enumerate(rows):
             if list(row[-len(self.suffix_ids) :]) != self.suffix_ids:
                 self.check_suffix(torch.tensor([row]), first_row=k)
-        ids = torch.tensor([t for row in rows for t in row]).unsqueeze(0)
-        positions = torch.cat([torch.arange(len(row)) for row in rows]).unsqueeze(0)
-        ends = torch.tensor([len(row) for row in rows]).cumsum(0) - 1
-        return {"input_ids": ids, "position_ids": positions, "ends": ends}
+        fits = window is None or max(len(row) for row in rows) <= window
+        m = shared_prefix_length(rows, len(self.suffix_ids)) if share_prefix and fits and len(rows) > 1 else 0
+        if m < MIN_SHARED:
+            ids = torch.tensor([t for row in rows for t in row]).unsqueeze(0)
+            positions = torch.cat([torch.arange(len(row)) for row in rows]).unsqueeze(0)
+            ends = torch.tensor([len(row) for row in rows]).cumsum(0) - 1
+            return {"input_ids": ids, "position_ids": positions, "ends": ends}
+        rests = [row[m:] for row in rows]
+        ids = torch.tensor(list(rows[0][:m]) + [t for rest in rests for t in rest]).unsqueeze(0)
+        positions = torch.cat([torch.arange(m), *(torch.arange(m, len(row)) for row in rows)]).unsqueeze(0)
+        ends = m + torch.tensor([len(rest) for rest in rests]).cumsum(0) - 1
+        segment = torch.cat([torch.full((m,), -1), *(torch.full((len(r),), k) for k, r in enumerate(rests))])
+        n = segment.numel()
+        causal = torch.ones(n, n, dtype=torch.bool).tril()
+        visible = (segment.unsqueeze(0) == -1) | (segment.unsqueeze(0) == segment.unsqueeze(1))
+        return {
+            "input_ids": ids,
+            "position_ids": positions,
+            "ends": ends,
+            "prefix_mask": (causal & visible)[None, None],
+        }
 
     def _suffix_ids(self) -> list[int]:
         text = self.render(_SENTINEL)

@@ -32,10 +32,20 @@ class Batches:
     encoded: list[dict[str, torch.Tensor]]
 
     @classmethod
-    def make(cls, fmt: ChatFormat, prompts: list[str], batch_size: int, packed: bool = True) -> Batches:
+    def make(
+        cls,
+        fmt: ChatFormat,
+        prompts: list[str],
+        batch_size: int,
+        packed: bool = True,
+        share_prefix: bool = False,
+        window: int | None = None,
+    ) -> Batches:
+        """``share_prefix``: packed rows hold the prompts' common token prefix once (see
+        :meth:`ChatFormat.encode_packed`; ``window`` is the model's sliding attention window)."""
         chunks = [prompts[i : i + batch_size] for i in range(0, len(prompts), batch_size)]
         if packed:
-            return cls(prompts, [fmt.encode_packed(c) for c in chunks])
+            return cls(prompts, [fmt.encode_packed(c, share_prefix, window) for c in chunks])
         enc = [fmt.encode(c) for c in chunks]
         for e in enc:
             fmt.check_suffix(e["input_ids"])

@@ -7,10 +7,13 @@ import time
 from collections.abc import Iterable
 from typing import TYPE_CHECKING
 
+import torch
+
 from cosmic_bake.artifacts import DIRECTION_FILE, SELECTION_FILE, Direction, model_hash, source_record
 from cosmic_bake.model.devices import input_device
 from cosmic_bake.outputs import TOOL, atomic_dir, manifest, write_json
 from cosmic_bake.plots import plot_layer_similarities, plot_score_grids
+from cosmic_bake.progress import note
 from cosmic_bake.select.selection import Selection, select_sets
 from cosmic_bake.sharing import portable, portable_name
 
@@ -66,6 +69,12 @@ def chosen_direction(sel: Selection, lm, fmt) -> Direction:
     )
 
 
+LOW_PRECISION_NOTE = (
+    "rounded activations can change the choice (reference case: "
+    "bfloat16 chose layer 11 where float32 and the official code choose 15); --dtype float32 where it fits"
+)
+
+
 def run_select(
     lm, arch, fmt, sets: dict[str, list[str]], s: SelectSettings, inputs: Iterable[str | os.PathLike]
 ) -> dict:
@@ -79,6 +88,9 @@ def run_select(
     validation prompts with the baked hook and record the chosen alpha (:mod:`cosmic_bake.select.sweep`).
     """
     t0 = time.perf_counter()
+    dtype = arch.embed.weight.dtype
+    if dtype in (torch.bfloat16, torch.float16):
+        note(f"scoring in {str(dtype).removeprefix('torch.')}: {LOW_PRECISION_NOTE}")
     sel = select_sets(lm.model, arch, fmt, sets, s, mode=s.mode, selector=s.selector)
     t = time.perf_counter()
     src = source_record(lm.source, s.record_paths)

@@ -10,7 +10,7 @@ import torch
 
 from cosmic_bake.errors import CosmicBakeError
 from cosmic_bake.math import scores as S
-from cosmic_bake.model.architecture import Architecture
+from cosmic_bake.model.architecture import Architecture, sliding_window
 from cosmic_bake.model.batching import with_backoff
 from cosmic_bake.model.chat import ChatFormat
 from cosmic_bake.select.candidates import MODES, SELECTORS, Batches, Candidates, collect_candidates
@@ -113,6 +113,7 @@ def select(
     kl_threshold: float = 0.1,
     eval_layers: list[int] | float | None = None,
     packed: bool = True,
+    share_prefix: bool = True,
     direction_method: str = "mean",
     candidates: Candidates | None = None,
     all_scores: bool = False,
@@ -120,6 +121,8 @@ def select(
     """Run the whole selection; raises :class:`CosmicBakeError` if no candidate survives.
 
     ``packed=False`` runs left-padded batches exactly as the reference code does (slower).
+    ``share_prefix`` computes the prompts' common token prefix (template header, system prompt)
+    once per packed row (:meth:`~cosmic_bake.model.chat.ChatFormat.encode_packed`).
     ``eval_layers`` overrides L_low: explicit layer indices, or a fraction of the layers taken
     lowest similarity first (default: the paper's 10%).
     ``candidates`` reuses candidates collected before (``compare`` scores one set with both
@@ -137,8 +140,9 @@ def select(
         raise CosmicBakeError(f"unknown selector '{selector}'", f"use one of {', '.join(SELECTORS)}")
     timings: dict[str, float] = {}
     t = time.perf_counter()
+    layout = {"packed": packed, "share_prefix": share_prefix, "window": sliding_window(model)}
     sets = {
-        name: Batches.make(fmt, prompts, batch_size, packed)
+        name: Batches.make(fmt, prompts, batch_size, **layout)
         for name, prompts in (
             ("harmful_train", harmful_train),
             ("harmless_train", harmless_train),
@@ -149,7 +153,7 @@ def select(
     timings["tokenize"] = time.perf_counter() - t
 
     def batched(name: str, size: int) -> Batches:
-        return sets[name] if size == batch_size else Batches.make(fmt, sets[name].prompts, size, packed)
+        return sets[name] if size == batch_size else Batches.make(fmt, sets[name].prompts, size, **layout)
 
     t = time.perf_counter()
     cands, size = candidates, batch_size

@@ -39,7 +39,7 @@ def baked_outtype(baked: Path) -> tuple[str | None, str | None]:
     ``route`` is ``gguf-to-gguf`` (source types kept), ``safetensors-to-gguf`` or None (no manifest).
     """
     from cosmic_bake.bake.gguf import manifest_path
-    from cosmic_bake.export.gguf_io import field_value, open_gguf
+    from cosmic_bake.export.gguf_io import read_metadata
 
     sidecar = manifest_path(baked)
     if sidecar.is_file():
@@ -51,7 +51,7 @@ def baked_outtype(baked: Path) -> tuple[str | None, str | None]:
             return route, None
         if route and bake.get("outtype"):
             return route, str(bake["outtype"])
-    ftype = field_value(open_gguf(baked), "general.file_type")
+    ftype = read_metadata(baked, "general.file_type").get("general.file_type")
     names = {int(v): k for k, v in ggml_quant.FILE_TYPES.items()}
     return None, names.get(int(ftype)) if ftype is not None else None
 

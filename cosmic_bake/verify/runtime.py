@@ -91,9 +91,9 @@ def _record(model, arch, d, texts, fmt, start: int):
 
 def is_adapter(path: Path) -> bool:
     """Whether a .gguf file is a llama.cpp LoRA adapter rather than a model."""
-    from cosmic_bake.export.gguf_io import field_value, open_gguf
+    from cosmic_bake.export.gguf_io import read_metadata
 
-    return field_value(open_gguf(path), "general.type") == "adapter"
+    return read_metadata(path, "general.type").get("general.type") == "adapter"
 
 
 def _verify_gguf(loaded: tuple, original: str, baked: Path, d, texts) -> VerifyReport:
