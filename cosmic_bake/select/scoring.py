@@ -103,16 +103,16 @@ def _run_stacked(
     k = len(ivs)
     outs: list[list[torch.Tensor]] = [[] for _ in ivs]
     lg: list[list[torch.Tensor]] = [[] for _ in ivs]
-    single = ivs[0].kind in ("add", "affine")  # edits at one layer: the layers before it can be replayed
-    n = len(batches.encoded)
-    # Taken before the hooks go in: the recorded inputs move forward without the intervention.
-    layer = ivs[0].layer
-    replays = [_replay(base, b, layer, arch.n_layers) if (single and base is not None) else None for b in range(n)]
     if k > 1 and not all("ends" in batch for batch in batches.encoded):  # padded batches: one pass each
         done = [
             _run_stacked(model, arch, batches, [iv], layers=layers, logits=logits, stop=stop, base=base) for iv in ivs
         ]
         return [o[0][0] for o in done], [o[1][0] for o in done]
+    single = ivs[0].kind in ("add", "affine")  # edits at one layer: the layers before it can be replayed
+    n = len(batches.encoded)
+    # Taken before the hooks go in: the recorded inputs move forward without the intervention.
+    layer = ivs[0].layer
+    replays = [_replay(base, b, layer, arch.n_layers) if (single and base is not None) else None for b in range(n)]
     with intervene(arch, stacked(ivs) if k > 1 else ivs[0]):
         for b, batch in enumerate(batches.encoded):
             rec: Recorded = forward(
