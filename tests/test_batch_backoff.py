@@ -138,3 +138,19 @@ def test_resolve_batch_size():
     for bad in (0, "-3", "many"):
         with pytest.raises(CosmicBakeError):
             resolve_batch_size(bad, torch.device("cpu"), 32)
+
+
+def test_batch_size_option_and_generation_batches():
+    """``--batch-size N|auto``: auto keeps the CPU sizes of before; generation takes at most 32 from a number."""
+    from cosmic_bake.model.batching import GENERATION_CAP, generation_batch, parse_batch_size
+
+    assert parse_batch_size("auto") == parse_batch_size(" AUTO ") == "auto"
+    assert parse_batch_size("12") == parse_batch_size(12) == 12
+    for bad in ("many", 0, 2.5, True):
+        with pytest.raises(CosmicBakeError):
+            parse_batch_size(bad)
+    cpu, gpu = torch.device("cpu"), torch.device("cuda", 0)
+    assert generation_batch("auto", cpu) == GENERATION_CAP == 32
+    assert generation_batch("auto", gpu) == GPU_START
+    assert generation_batch(64, cpu) == generation_batch(64, gpu) == 32
+    assert generation_batch(8, gpu) == 8
