@@ -29,8 +29,9 @@ class MemoryLimit:
         ids = kwargs.get("input_ids", args[0] if args else None)
         positions = kwargs.get("position_ids")
         count = ids.shape[0]
-        if count == 1 and positions is not None:  # a packed row: positions restart at 0 for each prompt
-            count = int((positions == 0).sum())
+        if positions is not None:  # packed rows (stacked for several candidates): a prompt per run of positions
+            row = positions[0]
+            count *= 1 + int((row[1:] != row[:-1] + 1).sum())
         if count > self.prompts:
             self.refused.append(count)
             raise torch.OutOfMemoryError(f"CUDA out of memory. Tried to allocate for {count} prompts")

@@ -219,12 +219,12 @@ def test_ace_scores_equal_the_official_hooks(arch, eval_layers, tiny_model_facto
     ],
 )
 def test_stacked_candidates_equal_one_pass_each(arch, mode, selector, tiny_model_factory, monkeypatch):
-    """All positions of a layer are scored in one pass over stacked copies of each packed row; every
-    score equals one pass per candidate to float error (two batches per set: the concatenation too)."""
+    """All positions of a layer are scored in one pass over stacked copies of the packed row; every
+    score equals one pass per candidate to float error."""
     import cosmic_bake.select.scoring as scoring
 
     model, info, fmt = _load(tiny_model_factory(arch, num_layers=4, seed=5))
-    kw = {"selector": selector, "mode": mode, "kl_threshold": math.inf, "all_scores": True, "batch_size": 2}
+    kw = {"selector": selector, "mode": mode, "kl_threshold": math.inf, "all_scores": True, "batch_size": 16}
     grids, passes = [], []
     make_grid, run_stacked = scoring._grid, scoring._run_stacked
 
@@ -245,7 +245,7 @@ def test_stacked_candidates_equal_one_pass_each(arch, mode, selector, tiny_model
     for run in (counted, one_each):
         monkeypatch.setattr(scoring, "_run_stacked", run)
         outcomes.append(_outcome(lambda: _select(model, info, fmt, **kw).chosen))
-    assert max(passes) == fmt.n_positions > 1  # the stacked path really stacked
+    assert max(passes) == min(fmt.n_positions, 16 // len(VAL_HARMFUL)) > 1  # stacked, within the batch size
     stacked, single = grids
     for a, b in zip(stacked.named().values(), single.named().values()):
         torch.testing.assert_close(a, b, rtol=0, atol=2e-6, equal_nan=True)
@@ -277,3 +277,15 @@ def test_no_shared_prefix_past_a_sliding_window(tiny_model_factory):
     assert "prefix_mask" not in fmt.encode_packed(VAL_HARMFUL, share_prefix=True, window=8)
     assert "prefix_mask" in fmt.encode_packed(VAL_HARMFUL, share_prefix=True)
     assert sliding_window(_load(tiny_model_factory("qwen2", num_layers=4))[0]) is None
+
+
+def test_stacking_stays_within_the_batch_size():
+    """A pass holds at most ``batch_size`` prompts, stacked rows counted: back-off shrinks the stack."""
+    from cosmic_bake.select.candidates import Batches
+    from cosmic_bake.select.scoring import stack_size
+
+    row = {"input_ids": torch.zeros(1, 30, dtype=torch.long), "ends": torch.tensor([9, 19, 29])}
+    three = Batches(["a", "b", "c"], [row])
+    assert stack_size(32, three) == 10 and stack_size(16, three) == 5
+    assert stack_size(5, three) == 1 and stack_size(2, three) == 1
+    assert stack_size(None, three) >= 5

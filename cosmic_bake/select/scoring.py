@@ -95,6 +95,28 @@ def _run(model, arch, batches: Batches, iv: Intervention, *, layers=None, logits
     return outs[0], lg[0]
 
 
+def stack_size(batch_size: int | None, *sets: Batches) -> int:
+    """How many candidates one pass stacks: the prompts of a pass (stacked rows x the largest
+    batch's prompts) stay within ``batch_size``, so out-of-memory back-off shrinks the stack too;
+    at least 1, at most the positions scored together (None: no limit)."""
+    if batch_size is None:
+        return 1 << 30
+    largest = max(
+        (len(b["ends"]) if "ends" in b else b["input_ids"].shape[0] for s in sets for b in s.encoded), default=1
+    )
+    return max(1, int(batch_size) // max(1, largest))
+
+
+def _run_chunked(model, arch, batches: Batches, ivs, per_pass: int, **kw):
+    """:func:`_run_stacked` over groups of at most ``per_pass`` interventions; results in order."""
+    outs, lg = [], []
+    for a in range(0, len(ivs), per_pass):
+        o, g = _run_stacked(model, arch, batches, list(ivs[a : a + per_pass]), **kw)
+        outs += o
+        lg += g
+    return outs, lg
+
+
 def _run_stacked(
     model, arch, batches: Batches, ivs: list[Intervention], *, layers=None, logits=False, stop=None, base=None
 ):
@@ -155,7 +177,7 @@ def _fill_grids(P: int, L: int, scores_at, n: int, desc: str) -> list[torch.Tens
     pass per prompt set, with a progress bar counting layers.
     """
     grids = torch.full((n, P, L), math.nan, dtype=torch.float64)
-    for layer in progress(range(L), f"{desc}, {P} per pass", total=L):
+    for layer in progress(range(L), desc, total=L):
         grids[:, :, layer] = torch.tensor(scores_at(layer), dtype=torch.float64).T
     return [g.clone() for g in grids]
 
@@ -212,9 +234,14 @@ def score_cosmic(
     eval_layers: list[int],
     mode: str,
     all_scores: bool = True,
+    batch_size: int | None = None,
 ) -> ScoreGrid:
-    """S_comply and S_refuse for every candidate, and KL for all of them or on demand (spec section 3)."""
+    """S_comply and S_refuse for every candidate, and KL for all of them or on demand (spec section 3).
+
+    The positions of a layer are stacked into one pass as far as ``batch_size`` prompts per pass allow.
+    """
     P, L = cands.n_positions, arch.n_layers
+    per_pass = stack_size(batch_size, harmful_val, harmless_val)
     base_harmful, t_hf = _timed(_baseline, model, arch, harmful_val, eval_layers, keep_inputs=mode == "ace")
     base_harmless, t_hl = _timed(_baseline, model, arch, harmless_val, eval_layers, keep_inputs=True)
     b_plus = S.pooled_unit(base_harmful.outputs)
@@ -224,8 +251,12 @@ def score_cosmic(
 
     def pairs(layer: int) -> list[tuple[float, float]]:
         comply, refuse = zip(*(_interventions(mode, cands, i, layer) for i in range(P)))
-        outs_c, _ = _run_stacked(model, arch, harmful_val, comply, layers=eval_layers, stop=stop, base=base_harmful)
-        outs_r, _ = _run_stacked(model, arch, harmless_val, refuse, layers=eval_layers, stop=stop, base=base_harmless)
+        outs_c, _ = _run_chunked(
+            model, arch, harmful_val, comply, per_pass, layers=eval_layers, stop=stop, base=base_harmful
+        )
+        outs_r, _ = _run_chunked(
+            model, arch, harmless_val, refuse, per_pass, layers=eval_layers, stop=stop, base=base_harmless
+        )
         return [(S.pooled_cosine(c, b_minus), S.pooled_cosine(r, b_plus)) for c, r in zip(outs_c, outs_r)]
 
     def kl_of(i: int, layer: int) -> float:
@@ -235,7 +266,8 @@ def score_cosmic(
 
     part = (stop + 1) / L  # comply and refuse passes end after the last evaluation layer
     note(expected_seconds(P * L, part * (t_hf + t_hl), t_hl, all_scores))
-    grid = _grid(("s_comply", "s_refuse", "kl"), P, L, pairs, kl_of, all_scores, "scoring candidates")
+    desc = f"scoring candidates, {min(P, per_pass)} per pass"
+    grid = _grid(("s_comply", "s_refuse", "kl"), P, L, pairs, kl_of, all_scores, desc)
     grid.kept_bytes = base_harmful.kept_bytes + base_harmless.kept_bytes
     return grid
 
@@ -266,9 +298,11 @@ def score_refusal(
     harmless_val: Batches,
     mode: str,
     all_scores: bool = True,
+    batch_size: int | None = None,
 ) -> ScoreGrid:
     """The refusal-token baseline: refusal score under removal, steering score under addition."""
     P, L = cands.n_positions, arch.n_layers
+    per_pass = stack_size(batch_size, harmful_val, harmless_val)
     ids = refusal_token_ids(tokenizer)
     base_harmless, t_hl = _timed(_baseline, model, arch, harmless_val, [], keep_inputs=True)
     base_harmful, t_hf = _timed(_baseline, model, arch, harmful_val, [], keep_inputs=mode == "ace")
@@ -276,8 +310,8 @@ def score_refusal(
 
     def pairs(layer: int) -> list[tuple[float, float]]:
         comply, refuse = zip(*(_interventions(mode, cands, i, layer) for i in range(P)))
-        _, lg_h = _run_stacked(model, arch, harmful_val, comply, logits=True, base=base_harmful)
-        _, lg_s = _run_stacked(model, arch, harmless_val, refuse, logits=True, base=base_harmless)
+        _, lg_h = _run_chunked(model, arch, harmful_val, comply, per_pass, logits=True, base=base_harmful)
+        _, lg_s = _run_chunked(model, arch, harmless_val, refuse, per_pass, logits=True, base=base_harmless)
         odds = [[float(refusal_log_odds(torch.cat(lg), ids).mean()) for lg in per] for per in (lg_h, lg_s)]
         return list(zip(*odds))
 
@@ -288,7 +322,8 @@ def score_refusal(
 
     note(expected_seconds(P * L, t_hf + t_hl, t_hl, all_scores))
     names = ("refusal_score", "steering_score", "kl")
-    grid = _grid(names, P, L, pairs, kl_of, all_scores, "scoring candidates (refusal tokens)")
+    desc = f"scoring candidates (refusal tokens), {min(P, per_pass)} per pass"
+    grid = _grid(names, P, L, pairs, kl_of, all_scores, desc)
     grid.kept_bytes = base_harmful.kept_bytes + base_harmless.kept_bytes
     return grid
 

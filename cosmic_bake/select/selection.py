@@ -171,8 +171,8 @@ def select(
     def score(n: int):
         val = batched("harmful_val", n), batched("harmless_val", n)
         if selector == "cosmic":
-            return score_cosmic(model, arch, cands, *val, layers, mode, all_scores)
-        return score_refusal(model, arch, fmt.tokenizer, cands, *val, mode, all_scores)
+            return score_cosmic(model, arch, cands, *val, layers, mode, all_scores, batch_size=n)
+        return score_refusal(model, arch, fmt.tokenizer, cands, *val, mode, all_scores, batch_size=n)
 
     grid, size = with_backoff(score, size)
     if selector == "cosmic":
