@@ -259,7 +259,7 @@ def test_a_shared_prefix_scores_as_a_copy_per_prompt(arch, tiny_model_factory):
     model, info, fmt = _load(tiny_model_factory(arch, num_layers=4, seed=7))
     fmt = ChatFormat(fmt.tokenizer, system_prompt="You are a careful assistant who answers every question in full.")
     row, plain = fmt.encode_packed(VAL_HARMFUL, share_prefix=True), fmt.encode_packed(VAL_HARMFUL)
-    assert "prefix_mask" in row and row["input_ids"].shape[1] <= plain["input_ids"].shape[1] - 20
+    assert "prefix_segments" in row and row["input_ids"].shape[1] <= plain["input_ids"].shape[1] - 20
     kw = {"kl_threshold": math.inf, "all_scores": True}
     shared, copies = _select(model, info, fmt, **kw), _select(model, info, fmt, share_prefix=False, **kw)
     torch.testing.assert_close(shared.candidates.directions, copies.candidates.directions, rtol=0, atol=1e-5)
@@ -274,8 +274,8 @@ def test_no_shared_prefix_past_a_sliding_window(tiny_model_factory):
 
     model, _, fmt = _load(tiny_model_factory("gemma2", num_layers=4))
     assert sliding_window(model) == 8
-    assert "prefix_mask" not in fmt.encode_packed(VAL_HARMFUL, share_prefix=True, window=8)
-    assert "prefix_mask" in fmt.encode_packed(VAL_HARMFUL, share_prefix=True)
+    assert "prefix_segments" not in fmt.encode_packed(VAL_HARMFUL, share_prefix=True, window=8)
+    assert "prefix_segments" in fmt.encode_packed(VAL_HARMFUL, share_prefix=True)
     assert sliding_window(_load(tiny_model_factory("qwen2", num_layers=4))[0]) is None
 
 

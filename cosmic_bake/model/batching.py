@@ -56,9 +56,8 @@ GENERATION_CAP = 32  # prompts per generation batch from a number (padding grows
 def generation_batch(value: int | str, device: torch.device) -> int:
     """Prompts per generation / first-token batch: a number capped at :data:`GENERATION_CAP`;
     ``auto`` is that cap on the CPU and :data:`GPU_START` on an accelerator (halved on out-of-memory)."""
-    if value == AUTO or value is None:
-        return resolve_batch_size(AUTO, device, GENERATION_CAP)
-    return min(resolve_batch_size(value, device, GENERATION_CAP), GENERATION_CAP)
+    size = resolve_batch_size(value, device, GENERATION_CAP)
+    return size if value in (None, AUTO) else min(size, GENERATION_CAP)
 
 
 def is_out_of_memory(err: BaseException) -> bool:

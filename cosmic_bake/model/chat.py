@@ -114,9 +114,10 @@ class ChatFormat:
 
         ``share_prefix``: the token prefix every prompt starts with (the template header and its
         system prompt: half the tokens of SmolLM2's short prompts) is written once at the start of
-        the row, and each prompt's own tokens follow with their positions continuing from it. A
-        ``prefix_mask`` (bool ``[1, 1, T, T]``, True where a token may attend) lets each prompt see
-        the shared prefix and itself, causally: the same attention as its own copy of the prefix,
+        the row, and each prompt's own tokens follow with their positions continuing from it.
+        ``prefix_segments`` (``[1, T]``: -1 for the prefix, else the prompt's index) gives the mask
+        :mod:`cosmic_bake.model.forward` builds, which lets each prompt see the shared prefix and
+        itself, causally: the same attention as its own copy of the prefix,
         and per-token edits act on the prefix as they would on every copy. Used when at least
         :data:`MIN_SHARED` tokens are shared by two or more prompts, and no prompt is longer than
         the model's sliding attention ``window`` (the one mask serves every layer, so a window
@@ -129,25 +130,18 @@ class ChatFormat:
                 self.check_suffix(torch.tensor([row]), first_row=k)
         fits = window is None or max(len(row) for row in rows) <= window
         m = shared_prefix_length(rows, len(self.suffix_ids)) if share_prefix and fits and len(rows) > 1 else 0
-        if m < MIN_SHARED:
-            ids = torch.tensor([t for row in rows for t in row]).unsqueeze(0)
-            positions = torch.cat([torch.arange(len(row)) for row in rows]).unsqueeze(0)
-            ends = torch.tensor([len(row) for row in rows]).cumsum(0) - 1
-            return {"input_ids": ids, "position_ids": positions, "ends": ends}
-        rests = [row[m:] for row in rows]
+        m = m if m >= MIN_SHARED else 0
+        rests = [row[m:] for row in rows]  # m = 0: every prompt whole, positions restarting at 0
         ids = torch.tensor(list(rows[0][:m]) + [t for rest in rests for t in rest]).unsqueeze(0)
         positions = torch.cat([torch.arange(m), *(torch.arange(m, len(row)) for row in rows)]).unsqueeze(0)
         ends = m + torch.tensor([len(rest) for rest in rests]).cumsum(0) - 1
-        segment = torch.cat([torch.full((m,), -1), *(torch.full((len(r),), k) for k, r in enumerate(rests))])
-        n = segment.numel()
-        causal = torch.ones(n, n, dtype=torch.bool).tril()
-        visible = (segment.unsqueeze(0) == -1) | (segment.unsqueeze(0) == segment.unsqueeze(1))
-        return {
-            "input_ids": ids,
-            "position_ids": positions,
-            "ends": ends,
-            "prefix_mask": (causal & visible)[None, None],
-        }
+        batch = {"input_ids": ids, "position_ids": positions, "ends": ends}
+        if m:
+            # which prompt each token belongs to (-1: the shared prefix); the mask is built from it where the pass runs
+            batch["prefix_segments"] = torch.cat(
+                [torch.full((m,), -1), *(torch.full((len(r),), k) for k, r in enumerate(rests))]
+            ).unsqueeze(0)
+        return batch
 
     def _suffix_ids(self) -> list[int]:
         text = self.render(_SENTINEL)

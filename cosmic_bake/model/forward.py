@@ -103,7 +103,7 @@ def forward(
     """
     n = arch.n_layers
     ends = batch.get("ends")  # packed batches: index of each prompt's last token in the row
-    inputs_for_model = to_device(_model_inputs(batch, arch), input_device(model))
+    inputs_for_model = _model_inputs(batch, arch, input_device(model))
     # Logits at the last position; for a packed row, at each prompt's end: the final norm's output
     # is cut to those rows (on whatever device it sits) and the head then reads all of them.
     keep = 1 if ends is None else 0
@@ -166,16 +166,19 @@ def forward(
     return rec
 
 
-def _model_inputs(batch: dict[str, torch.Tensor], arch: Architecture) -> dict[str, torch.Tensor]:
-    """What the model takes: ``ends`` dropped, a shared prefix's bool mask as an additive mask
-    in the model's dtype (eager attention adds it; SDPA takes either)."""
-    inputs = {k: v for k, v in batch.items() if k not in ("ends", "prefix_mask")}
-    allowed = batch.get("prefix_mask")
-    if allowed is not None:
-        dtype = arch.embed.weight.dtype
-        one = allowed[:1]  # stacked rows share one mask: built once, broadcast to every row
-        additive = torch.zeros(one.shape, dtype=dtype).masked_fill(~one, torch.finfo(dtype).min)
-        inputs["attention_mask"] = additive.expand(allowed.shape)
+def _model_inputs(batch: dict[str, torch.Tensor], arch: Architecture, device: torch.device) -> dict[str, torch.Tensor]:
+    """What the model takes, on ``device``: ``ends`` dropped; for a shared prefix, the additive
+    ``[rows, 1, T, T]`` mask in the model's dtype (eager attention adds it; SDPA takes either),
+    built on ``device`` from the ``[T]`` segments, once for all stacked rows."""
+    inputs = to_device({k: v for k, v in batch.items() if k not in ("ends", "prefix_segments")}, device)
+    segments = batch.get("prefix_segments")
+    if segments is not None:
+        seg = segments[0].to(device)
+        n, dtype = seg.numel(), arch.embed.weight.dtype
+        causal = torch.ones(n, n, dtype=torch.bool, device=device).tril()
+        allowed = causal & ((seg.unsqueeze(0) == -1) | (seg.unsqueeze(0) == seg.unsqueeze(1)))
+        additive = torch.zeros(n, n, dtype=dtype, device=device).masked_fill_(~allowed, torch.finfo(dtype).min)
+        inputs["attention_mask"] = additive.expand(segments.shape[0], 1, n, n)
     return inputs
 
 

@@ -99,11 +99,12 @@ def stack_size(batch_size: int | None, *sets: Batches) -> int:
     """How many candidates one pass stacks: the prompts of a pass (stacked rows x the largest
     batch's prompts) stay within ``batch_size``, so out-of-memory back-off shrinks the stack too;
     at least 1, at most the positions scored together (None: no limit)."""
+    encoded = [b for s in sets for b in s.encoded]
+    if not all("ends" in b for b in encoded):  # left-padded batches: one pass per candidate
+        return 1
     if batch_size is None:
         return 1 << 30
-    largest = max(
-        (len(b["ends"]) if "ends" in b else b["input_ids"].shape[0] for s in sets for b in s.encoded), default=1
-    )
+    largest = max((len(b["ends"]) for b in encoded), default=1)
     return max(1, int(batch_size) // max(1, largest))
 
 
@@ -125,11 +126,6 @@ def _run_stacked(
     k = len(ivs)
     outs: list[list[torch.Tensor]] = [[] for _ in ivs]
     lg: list[list[torch.Tensor]] = [[] for _ in ivs]
-    if k > 1 and not all("ends" in batch for batch in batches.encoded):  # padded batches: one pass each
-        done = [
-            _run_stacked(model, arch, batches, [iv], layers=layers, logits=logits, stop=stop, base=base) for iv in ivs
-        ]
-        return [o[0][0] for o in done], [o[1][0] for o in done]
     single = ivs[0].kind in ("add", "affine")  # edits at one layer: the layers before it can be replayed
     n = len(batches.encoded)
     # Taken before the hooks go in: the recorded inputs move forward without the intervention.
