@@ -2,8 +2,10 @@
 
 ``RUN_DIR/direction.safetensors`` holds tensors ``direction`` (the unnormalised difference in means
 at the chosen position and layer, ``[d_model]``, float64) and ``reference`` (the harmless mean
-there), with string metadata ``layer``, ``position``, ``mode``, ``selector``, ``alpha`` and the
-source model's hash, so a direction cannot silently be applied to another model.
+there), optionally ``strengths`` (``[n_layers + 1]``: the removal's weight at the embedding, then
+at each block's writers; absent means 1 everywhere), with string metadata ``layer``, ``position``,
+``mode``, ``selector``, ``alpha`` and the source model's hash, so a direction cannot silently be
+applied to another model.
 """
 
 from __future__ import annotations
@@ -40,6 +42,20 @@ class Direction:
     model_id: str = ""
     model_hash: str = ""
     extra: dict[str, str] = field(default_factory=dict)
+    strengths: torch.Tensor | None = None  # [n_layers + 1] float64, mode ablate only; None: 1 everywhere
+
+    def coeff(self, block: int | None) -> float:
+        """The projection coefficient baked into a tensor: ``W <- (I - k u u^T) W``.
+
+        ``block`` None is the embedding (block 0's input), else the block whose writer it is.
+        ``ablate``: 1, or the direction's strength there; ``scale``: ``-alpha``; the constant
+        modes remove at full strength.
+        """
+        if self.mode == "scale":
+            return -self.alpha
+        if self.mode == "ablate" and self.strengths is not None:
+            return float(self.strengths[0 if block is None else block + 1])
+        return 1.0
 
     @property
     def digest(self) -> str:
@@ -54,7 +70,7 @@ class Direction:
         """The runtime hook a checkpoint baked from this direction equals (``Intervention``)."""
         from cosmic_bake.model.hooks import baked_hook
 
-        return baked_hook(self.mode, self.direction, self.reference, self.layer, self.alpha)
+        return baked_hook(self.mode, self.direction, self.reference, self.layer, self.alpha, self.strengths)
 
     def record(self) -> dict:
         """What a manifest says about this direction (enough to find and check the artifact)."""
@@ -67,6 +83,7 @@ class Direction:
             "alpha": self.alpha,
             "model_id": self.model_id,
             "model_hash": self.model_hash,
+            **({} if self.strengths is None else {"strengths": [round(float(x), 6) for x in self.strengths]}),
             **self.extra,
         }
 
@@ -83,8 +100,11 @@ class Direction:
             **self.extra,
         }
         path = Path(folder) / DIRECTION_FILE
+        tensors = {"direction": self.direction.double().contiguous(), "reference": self.reference.double().contiguous()}
+        if self.strengths is not None:
+            tensors["strengths"] = self.strengths.double().contiguous()
         save_file(
-            {"direction": self.direction.double().contiguous(), "reference": self.reference.double().contiguous()},
+            tensors,
             str(path),
             metadata=meta,
         )
@@ -120,6 +140,7 @@ class Direction:
             model_id=meta.get("model_id", ""),
             model_hash=meta.get("model_hash", ""),
             extra={k: v for k, v in meta.items() if k not in known},
+            strengths=tensors["strengths"].double() if "strengths" in tensors else None,
         )
 
 

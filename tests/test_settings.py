@@ -41,6 +41,8 @@ for _name in LOADING:
     ADDED[_name] |= {"device", "device_map", "max_memory", "offload_folder"}
 NEW_DEFAULTS = {(name, "dtype"): "auto" for name in LOADING}
 NEW_CHOICES = {(name, "dtype"): ["auto", "float32", "bfloat16", "float16"] for name in LOADING}
+# --direction-method projected (issue 17: heretic's projected abliteration)
+NEW_CHOICES |= {(name, "direction_method"): ["mean", "pca", "projected"] for name in ("select", "compare")}
 RETYPED = {(name, key) for name in ("select", "compare") for key in ("limit", "limit_val")}  # text: N or all
 # --batch-size N|auto, auto by default (issue 15: the largest batch that fits on a GPU; on the CPU auto is the
 # old default, 32, or 8 for verify)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import contextlib
 import json
 import shutil
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import torch
@@ -65,9 +65,12 @@ def shard_sources(
     listing: Listing,
     vectors: dict[str, torch.Tensor],
     constant: torch.Tensor | None = None,
-    coeff: float = 1.0,
+    coeff: Callable[[int | None], float] = lambda _block: 1.0,
 ) -> dict[str, dict[str, TensorSource]]:
     """Per output shard, what each tensor is written from: its source bytes, or an edit made when written.
+
+    ``coeff(block)`` is the projection coefficient of a writer of ``block`` (``None``: the
+    embedding): 1 removes, a strength below 1 removes part, ``-beta`` scales (mode ``scale``).
 
     ``constant`` (float64, already divided by the embedding scale where it goes to the embedding)
     is added to every row of the tensors whose edit has ``constant`` set.
@@ -86,7 +89,7 @@ def shard_sources(
                 shards[file][e.name] = StoredTensor(path, info)
             else:
                 v = vectors.get(e.vector) if e.vector else None
-                shards[file][e.name] = _edited(path, info, e.kind, v, c, coeff)
+                shards[file][e.name] = _edited(path, info, e.kind, v, c, coeff(e.block))
     return shards
 
 

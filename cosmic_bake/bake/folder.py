@@ -113,8 +113,7 @@ class PreparedBake:
 
     def shards(self) -> dict:
         """Per output shard file, ``{name: TensorSource}`` (edits are made when a writer reaches them)."""
-        coeff = -self.direction.alpha if self.direction.mode == "scale" else 1.0
-        return shard_sources(self.plan, self.listing, self.vectors, self.constant, coeff)
+        return shard_sources(self.plan, self.listing, self.vectors, self.constant, self.direction.coeff)
 
 
 def prepare_bake(folder: Path, direction: Direction | str | Path, o: BakeOptions, source=None) -> PreparedBake:

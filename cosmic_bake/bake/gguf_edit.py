@@ -67,6 +67,7 @@ class GgufEdit:
     source_type: str = ""
     out_type: str = ""
     constant: bool = False  # add the baked constant to every row after the removal
+    block: int | None = None  # a writer's block (its removal strength); None: the embedding
 
 
 def _vector_key(block: int, writer: str, post: set[str]) -> str:
@@ -96,9 +97,11 @@ def plan_edits(
     edits = []
     for t in reader.tensors:
         m = _WRITER.match(t.name)
+        block = None
         if remove and m:
             kind = "bias" if m.group(4) == "bias" else "rows"
-            vec = _vector_key(int(m.group(1)), m.group(2), post)
+            block = int(m.group(1))
+            vec = _vector_key(block, m.group(2), post)
         elif remove and t.name in _EMBEDDINGS and embeddings != "skip":
             kind, vec = "embed", "r"
         else:
@@ -112,7 +115,7 @@ def plan_edits(
                 "use a direction selected on this model",
             )
         out_type = _out_type(t, edited_type, always and kind != "bias")
-        edits.append(GgufEdit(t.name, kind, vec, t.tensor_type.name, out_type.name))
+        edits.append(GgufEdit(t.name, kind, vec, t.tensor_type.name, out_type.name, block=block))
     return edits
 
 
@@ -153,40 +156,46 @@ def _store(rows: torch.Tensor, qtype: GGMLQuantizationType) -> np.ndarray:
     return ggml_quant.quantize_rows(rows.numpy(), qtype)
 
 
-def _each_row(rows: torch.Tensor, v: torch.Tensor | None, c: torch.Tensor | None) -> torch.Tensor:
-    """Rows with ``v`` projected out (if given), then ``c`` added (if given)."""
+def _each_row(rows: torch.Tensor, v: torch.Tensor | None, c: torch.Tensor | None, coeff: float = 1.0) -> torch.Tensor:
+    """Rows with ``coeff`` times their component along ``v`` removed (if given), then ``c`` added (if given)."""
     if v is not None:
-        project_out_cols_(rows, v)
+        project_out_cols_(rows, v, coeff=coeff)
     if c is not None:
         rows.copy_(rows.double() + c)
     return rows
 
 
-def edited_data(tensor, edit: GgufEdit, v: torch.Tensor | None, c: torch.Tensor | None = None) -> np.ndarray:
-    """The edited tensor's stored bytes (2-D: rows of the output type); ``c`` is added to every row."""
+def edited_data(
+    tensor, edit: GgufEdit, v: torch.Tensor | None, c: torch.Tensor | None = None, coeff: float = 1.0
+) -> np.ndarray:
+    """The edited tensor's stored bytes (2-D: rows of the output type); ``c`` is added to every row.
+
+    ``coeff`` is the removal's strength for this tensor (1: all of the component along ``v``)."""
     qtype = GGMLQuantizationType[edit.out_type]
     n_rows = int(np.prod([int(x) for x in tensor.shape[1:]]))
     if edit.kind == "embed":
         parts = []
         for a in range(0, n_rows, ROW_CHUNK):
             rows = float_rows(tensor, a, min(n_rows, a + ROW_CHUNK))
-            parts.append(_store(_each_row(rows, v, c), qtype))
+            parts.append(_store(_each_row(rows, v, c, coeff), qtype))
         return np.concatenate(parts)
     if edit.kind == "bias":
-        return _store(_each_row(float_rows(tensor, 0, n_rows), v, c), qtype)
+        return _store(_each_row(float_rows(tensor, 0, n_rows), v, c, coeff), qtype)
     d = int(tensor.shape[1])
     out = []
     for e in range(n_rows // d):  # one matrix [d, k] per expert (one for dense writers)
         w = float_rows(tensor, e * d, (e + 1) * d)
-        out.append(_store(project_out_rows_(w, v), qtype))
+        out.append(_store(project_out_rows_(w, v, coeff=coeff), qtype))
     return np.concatenate(out)
 
 
-def _out_tensor(tensor, edit: GgufEdit, v: torch.Tensor | None, c: torch.Tensor | None = None) -> OutTensor:
+def _out_tensor(
+    tensor, edit: GgufEdit, v: torch.Tensor | None, c: torch.Tensor | None = None, coeff: float = 1.0
+) -> OutTensor:
     qtype = GGMLQuantizationType[edit.out_type]
     shape = tuple(int(x) for x in reversed(tensor.shape.tolist()))
     nbytes = int(np.prod(shape[:-1], dtype=np.int64)) * ggml_quant.row_bytes(qtype, shape[-1])
-    return OutTensor(tensor.name, qtype, shape, nbytes, lambda: edited_data(tensor, edit, v, c))
+    return OutTensor(tensor.name, qtype, shape, nbytes, lambda: edited_data(tensor, edit, v, c, coeff))
 
 
 # llama.cpp architectures that read an optional ``ffn_down`` bias (in dense blocks), and whose
@@ -310,7 +319,7 @@ def bake_gguf_file(
         t = by_name[e.name]
         c = constant if e.constant else None
         v = vectors[e.vector] if e.vector is not None else None
-        out_tensors.append(copied(t) if e.kind == "copy" else _out_tensor(t, e, v, c))
+        out_tensors.append(copied(t) if e.kind == "copy" else _out_tensor(t, e, v, c, direction.coeff(e.block)))
         if e.name == "token_embd.weight" and e.kind == "embed" and "output.weight" not in names:
             if arch not in SEPARATE_HEAD_ARCHS:
                 raise CosmicBakeError(

@@ -41,6 +41,7 @@ class TensorEdit:
     constant: bool = False  # then add the baked constant (added vector / scale) after the edit
     shape: tuple[int, ...] | None = None  # for kind "zeros" (a new bias the output config needs)
     dtype: str | None = None
+    block: int | None = None  # the writer's block (its removal strength); None: the embedding
 
 
 @dataclass
@@ -104,7 +105,8 @@ def _edit_for(layout: Layout, info: TensorInfo, embeddings: str, remove: bool = 
                 "bake an unquantized (float) checkpoint, then quantize the result",
             )
         kind = "bias" if role.role == "bias" else _weight_kind(info, layout.d_model, memory)
-        return TensorEdit(info.name, info.name, kind, _vector_key(layout, role.block, role.part), role.writer)
+        vector = _vector_key(layout, role.block, role.part)
+        return TensorEdit(info.name, info.name, kind, vector, role.writer, block=role.block)
     if memory == layout.embed or memory in layout.extra_embeds:
         if embeddings == "skip":
             return TensorEdit(info.name, info.name, "copy")

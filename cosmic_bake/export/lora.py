@@ -15,6 +15,7 @@ fused expert tensors. Models with post-writer norms use ``u = unit(g * r)`` as b
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -46,8 +47,14 @@ class LoraFactor:
     embedding: bool = False
 
 
-def removal_factors(arch: Architecture, r: torch.Tensor) -> list[LoraFactor]:
-    """The rank-1 factors of linear removal for the embedding and every attention / MLP writer."""
+def removal_factors(
+    arch: Architecture, r: torch.Tensor, coeff: Callable[[int | None], float] = lambda _block: 1.0
+) -> list[LoraFactor]:
+    """The rank-1 factors of linear removal for the embedding and every attention / MLP writer.
+
+    ``coeff(block)`` scales the removal of a writer of ``block`` (``None``: the embedding), as
+    :meth:`~cosmic_bake.artifacts.Direction.coeff` gives it for a weighted removal.
+    """
     r_hat = unit(r.detach().double())
     factors = []
     for b, (u_attn, u_mlp) in zip(arch.blocks, writer_directions(arch, r_hat)):
@@ -70,14 +77,18 @@ def removal_factors(arch: Architecture, r: torch.Tensor) -> list[LoraFactor]:
                     arch.name_of(w.module),
                     f"blk.{b.index}.{_GGUF_WRITER[part]}.weight",
                     (u @ weight).unsqueeze(0),
-                    -u.unsqueeze(1),
+                    -coeff(b.index) * u.unsqueeze(1),
                 )
             )
     emb = cpu_param(arch.embed).double()
     factors.insert(
         0,
         LoraFactor(
-            arch.name_of(arch.embed), "token_embd.weight", (emb @ r_hat).unsqueeze(0), -r_hat.unsqueeze(1), True
+            arch.name_of(arch.embed),
+            "token_embd.weight",
+            (emb @ r_hat).unsqueeze(0),
+            -coeff(None) * r_hat.unsqueeze(1),
+            True,
         ),
     )
     return factors
@@ -194,7 +205,7 @@ def write_lora_folder(
     from cosmic_bake.outputs import atomic_dir, manifest
 
     with torch.no_grad():
-        factors = removal_factors(arch, d.direction)
+        factors = removal_factors(arch, d.direction, d.coeff)
     folder = lm.source.path if lm.source.kind == "folder" else None
     lin = lineage(lm.source, base_model=base_model, folder=folder, model_id=d.model_id)
     base_name = lm.source.spec if record_paths else (lin.base_model or lin.label)

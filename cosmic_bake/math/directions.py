@@ -35,7 +35,21 @@ def mean_difference(harmful_mean: torch.Tensor, harmless_mean: torch.Tensor) -> 
     return harmful_mean.double() - harmless_mean.double()
 
 
-DIRECTION_METHODS = ("mean", "pca")
+DIRECTION_METHODS = ("mean", "pca", "projected")
+
+
+def project_off(r: torch.Tensor, reference: torch.Tensor) -> torch.Tensor:
+    """``r - (r . a) a`` with ``a = reference / |reference|``, row by row over any leading shape.
+
+    Projected abliteration (heretic's default): the difference of means also carries a share of
+    the harmless mean itself (harmful activations are larger along it), and removing that share
+    moves every prompt, harmless ones included. Dropping it leaves the part that separates the two
+    sets. A zero reference leaves ``r`` unchanged.
+    """
+    a = reference.double()
+    a = a / (a.norm(dim=-1, keepdim=True) + 1e-12)
+    r = r.double()
+    return r - (r * a).sum(-1, keepdim=True) * a
 
 
 def pca_direction(harmful: torch.Tensor, harmless: torch.Tensor) -> torch.Tensor:

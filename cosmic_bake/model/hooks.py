@@ -33,7 +33,10 @@ KINDS = ("remove", "add", "affine", "pin", "scale")
 class Intervention:
     """One edit of the residual stream.
 
-    ``remove``: at every block input and every writer output, ``x <- x - (x . r_hat) r_hat``.
+    ``remove``: at every block input and every writer output, ``x <- x - (x . r_hat) r_hat``. With
+    ``strengths`` ``[n_layers + 1]`` (a weighted removal, beyond the paper): ``x <- x - s_0 (x . r_hat)
+    r_hat`` at block 0's input and ``w <- w - s_{l+1} (w . u) u`` at block ``l``'s writer outputs
+    only: exactly what weights baked with those coefficients compute.
     ``add``: at the input of block ``layer`` only, ``x <- x + alpha * r``.
     ``affine``: at the input of block ``layer``, ``x <- x - (x . r_hat) r_hat + (mu . r_hat) r_hat
     + alpha * r`` (ACE; ``mu`` the harmless mean, the reference point).
@@ -54,6 +57,7 @@ class Intervention:
     layer: int | None = None
     alpha: float = 1.0
     reference: torch.Tensor | None = None
+    strengths: torch.Tensor | None = None  # ``remove`` only: [n_layers + 1] weights (embedding, blocks)
 
     def __post_init__(self) -> None:
         if self.kind not in KINDS:
@@ -66,8 +70,8 @@ class Intervention:
             )
 
     @classmethod
-    def remove(cls, r: torch.Tensor) -> Intervention:
-        return cls("remove", r)
+    def remove(cls, r: torch.Tensor, strengths: torch.Tensor | None = None) -> Intervention:
+        return cls("remove", r, strengths=strengths)
 
     @classmethod
     def add(cls, r: torch.Tensor, layer: int, alpha: float = 1.0) -> Intervention:
@@ -121,14 +125,16 @@ def stacked(interventions: list[Intervention]) -> Intervention:
 BAKED_MODES = ("ablate", "add", "affine", "scale")
 
 
-def baked_hook(mode: str, r: torch.Tensor, mu: torch.Tensor, layer: int, alpha: float) -> Intervention:
+def baked_hook(
+    mode: str, r: torch.Tensor, mu: torch.Tensor, layer: int, alpha: float, strengths: torch.Tensor | None = None
+) -> Intervention:
     """The runtime hook that a checkpoint baked in ``mode`` equals (what ``verify`` compares with).
 
     ``ablate`` -> ``remove``; ``add`` -> ``add`` at ``layer``; ``affine`` -> ``pin`` (removal by
     every writer plus ACE's constant at ``layer``: the affine form weights can carry exactly).
     """
     if mode == "ablate":
-        return Intervention.remove(r)
+        return Intervention.remove(r, strengths)
     if mode == "add":
         return Intervention.add(r, layer, alpha)
     if mode == "affine":
@@ -256,6 +262,8 @@ def register(arch: Architecture, iv: Intervention) -> list[torch.utils.hooks.Rem
             "use a direction selected on this model",
         )
     handles = []
+    if iv.strengths is not None:
+        return _register_weighted(arch, iv, r_hat)
     if iv.kind == "scale":
         if arch.has_post_norms:
             raise CosmicBakeError(
@@ -285,6 +293,24 @@ def register(arch: Architecture, iv: Intervention) -> list[torch.utils.hooks.Rem
     else:
         target = iv.constant()
         handles.append(block.register_forward_pre_hook(_affine_pre(_Cast(r_hat), _Cast(target)), with_kwargs=True))
+    return handles
+
+
+def _register_weighted(arch: Architecture, iv: Intervention, r_hat: torch.Tensor) -> list:
+    """Weighted removal: block 0's input and each block's writer outputs, each with its own strength."""
+    s = iv.strengths.detach().to(torch.float64).reshape(-1)
+    if iv.kind != "remove" or r_hat.ndim != 1 or s.numel() != arch.n_layers + 1:
+        raise CosmicBakeError(
+            f"per-layer strengths need one removal direction and {arch.n_layers + 1} weights, "
+            f"got kind {iv.kind} and {s.numel()} weights",
+            "use a direction searched on this model",
+        )
+    cast = _Cast(r_hat)
+    handles = [arch.blocks[0].block.register_forward_pre_hook(_scale_pre(cast, -float(s[0]), 0.0), with_kwargs=True)]
+    for i, (b, (u_attn, u_mlp)) in enumerate(zip(arch.blocks, writer_directions(arch, r_hat))):
+        k = -float(s[i + 1])
+        handles.append(b.attn.register_forward_hook(_scale_out(cast if u_attn is r_hat else _Cast(u_attn), k)))
+        handles.append(b.mlp.register_forward_hook(_scale_out(cast if u_mlp is r_hat else _Cast(u_mlp), k)))
     return handles
 
 

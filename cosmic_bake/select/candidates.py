@@ -7,7 +7,13 @@ from dataclasses import dataclass
 import torch
 
 from cosmic_bake.errors import CosmicBakeError
-from cosmic_bake.math.directions import DIRECTION_METHODS, MeanAccumulator, mean_difference, pca_direction
+from cosmic_bake.math.directions import (
+    DIRECTION_METHODS,
+    MeanAccumulator,
+    mean_difference,
+    pca_direction,
+    project_off,
+)
 from cosmic_bake.model.architecture import Architecture
 from cosmic_bake.model.chat import ChatFormat
 from cosmic_bake.model.forward import forward
@@ -74,7 +80,9 @@ def collect_candidates(
     ``method="mean"`` is the paper's difference in means. ``method="pca"`` keeps every prompt's
     activations (float32, ``n x P x L x d`` per set) and takes the first principal component of
     the paired differences instead (:func:`~cosmic_bake.math.directions.pca_direction`); the means,
-    the reference point and the layer similarities are the same either way.
+    the reference point and the layer similarities are the same either way. ``method="projected"``
+    is the difference in means less its component along the harmless mean of the same position and
+    layer (:func:`~cosmic_bake.math.directions.project_off`, heretic's projected abliteration).
     """
     if method not in DIRECTION_METHODS:
         raise CosmicBakeError(f"unknown direction method '{method}'", f"use one of {', '.join(DIRECTION_METHODS)}")
@@ -97,6 +105,8 @@ def collect_candidates(
         directions = pca_direction(torch.cat(rows["harmful"]), torch.cat(rows["harmless"]))
     else:
         directions = mean_difference(means["harmful"][0], means["harmless"][0])
+        if method == "projected":
+            directions = project_off(directions, means["harmless"][0])
     sims = torch.nn.functional.cosine_similarity(means["harmful"][1], means["harmless"][1], dim=-1)
     return Candidates(directions, means["harmless"][0], means["harmful"][0], sims)
 

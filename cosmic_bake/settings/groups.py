@@ -182,8 +182,9 @@ class SelectionOptions(Settings):
 
     direction_method: str = opt(
         "mean",
-        "Difference in means (the paper), or the first principal component of the paired differences.",
-        choices=("mean", "pca"),
+        "Difference in means (the paper), the first principal component of the paired differences, or the "
+        "difference in means less its component along the harmless mean (projected, as heretic).",
+        choices=("mean", "pca", "projected"),
     )
     eval_layers: tuple[int, ...] | float | None = opt(
         None,

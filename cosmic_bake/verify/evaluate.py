@@ -239,7 +239,7 @@ def intervention_of(kind: str, run_dir, alpha: float | None = None) -> Intervent
     d = Direction.load(run_dir)
     a, one = (d.alpha if alpha is None else alpha), (1.0 if alpha is None else alpha)
     return {
-        "remove": lambda: Intervention.remove(d.direction),
+        "remove": lambda: Intervention.remove(d.direction, d.strengths),
         "add": lambda: Intervention.add(d.direction, d.layer, one),
         "affine": lambda: Intervention.affine(d.direction, d.reference, d.layer, a),
         "pin": lambda: Intervention.pin(d.direction, d.reference, d.layer, a),

@@ -218,7 +218,7 @@ def check_folder(
         target = prescription(
             r_hat,
             vectors[e.vector] if projected else None,
-            projection_coeff(d),
+            projection_coeff(d, e.block),
             constant if e.constant else None,
             placement.scale if (e.constant and placement is not None) else 1.0,
         )

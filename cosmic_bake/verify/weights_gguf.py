@@ -254,7 +254,7 @@ def check_gguf_files(
         tgt = prescription(
             r_hat,
             vectors[e.vector] if projected else None,
-            projection_coeff(d),
+            projection_coeff(d, getattr(e, "block", None)),
             constant if carrier else None,
             divisor if carrier and layout == "cols" else 1.0,
         )

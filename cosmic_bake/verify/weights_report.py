@@ -206,8 +206,9 @@ def baked_embeddings(baked: Path, embeddings: str | None) -> str:
     return embeddings or str(_manifest_bake(baked).get("embeddings") or "untie")
 
 
-def projection_coeff(d: Direction) -> float:
-    return -d.alpha if d.mode == "scale" else 1.0
+def projection_coeff(d: Direction, block: int | None = None) -> float:
+    """The coefficient baked into a writer of ``block`` (``None``: the embedding); see ``Direction.coeff``."""
+    return d.coeff(block)
 
 
 def check_size(d: Direction, d_model: int) -> None:

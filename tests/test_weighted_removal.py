@@ -1,0 +1,132 @@
+"""Weighted removal (per-layer strengths) and projected directions: baked weights equal their hook.
+
+A weighted removal keeps ``1 - s`` of the component along the direction at each writer (``s`` per
+block, and one for the embedding). It is baked in hf folders, GGUF files (from a folder and from a
+GGUF source) and LoRA adapters, and ``verify`` (logits and weight-space check) must prove each
+equal to the hook with the same strengths, and tell it from full-strength removal.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from cosmic_bake import api
+from cosmic_bake.artifacts import Direction
+from cosmic_bake.export.gguf_convert import convert_folder
+from cosmic_bake.math.directions import project_off
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def _run(folder: Path, tmp: Path, name: str = "run", seed: int = 5, full: bool = False) -> Path:
+    """A run folder with a random direction and random strengths in [0, 1.5] (all 1 with ``full``)."""
+    config = json.loads((folder / "config.json").read_text())
+    g = torch.Generator().manual_seed(seed)
+    d_model, n_layers = config["hidden_size"], config["num_hidden_layers"]
+    strengths = None if full else 1.5 * torch.rand(n_layers + 1, generator=g, dtype=torch.float64)
+    d = Direction(
+        direction=2.0 * torch.randn(d_model, generator=g, dtype=torch.float64),
+        reference=torch.randn(d_model, generator=g, dtype=torch.float64),
+        layer=1,
+        position=-1,
+        model_id="tiny",
+        strengths=strengths,
+    )
+    run = tmp / name
+    run.mkdir()
+    d.save(run)
+    return run
+
+
+def test_strengths_survive_the_artifact_and_set_each_tensor_coefficient(tmp_path, tiny_model_factory):
+    folder = tiny_model_factory("llama")
+    d = Direction.load(_run(folder, tmp_path))
+    assert d.strengths is not None and d.strengths.shape == (d.hook().strengths.numel(),)
+    assert d.coeff(None) == float(d.strengths[0]) and d.coeff(2) == float(d.strengths[3])
+    assert len(d.record()["strengths"]) == d.strengths.numel()
+    assert Direction.load(_run(folder, tmp_path, "full", full=True)).coeff(2) == 1.0
+
+
+@pytest.mark.parametrize(
+    ("arch", "tied"),
+    [
+        ("llama", False),
+        ("llama", True),
+        ("qwen2", False),
+        ("mistral", False),
+        ("gemma2", True),
+        ("gemma3_text", True),
+        ("phi3", False),
+        ("mixtral", False),
+        ("qwen2_moe", False),
+    ],
+)
+def test_weighted_removal_baked_equals_its_hook(arch, tied, tiny_model_factory, tmp_path):
+    folder = tiny_model_factory(arch, tied=tied, bias=arch == "qwen2")
+    run = _run(folder, tmp_path)
+    out = tmp_path / "baked"
+    api.bake(str(folder), run, out)
+    report = api.verify(str(folder), out, run, limit=2)
+    assert report.passed and report.max_kl <= 1e-6, report.to_dict()
+    # the check tells the weighted bake from full-strength removal (same direction, strengths 1)
+    full = Direction.load(run)
+    full.strengths = None
+    full_run = tmp_path / "full"
+    full_run.mkdir()
+    full.save(full_run)
+    wrong = api.verify(str(folder), out, full_run, limit=2)
+    assert not wrong.passed
+
+
+@pytest.mark.llama
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+def test_weighted_removal_in_gguf_equals_its_hook(arch, tiny_model_factory, tmp_path):
+    folder = tiny_model_factory(arch, bias=arch == "qwen2")
+    run = _run(folder, tmp_path)
+    from_folder = tmp_path / "from_folder.gguf"
+    api.bake(str(folder), run, from_folder, format="gguf", outtype="f32")
+    report = api.verify(str(folder), from_folder, run, limit=2)
+    assert report.runtime == "llama.cpp" and report.passed and report.mean_kl <= 1e-6, report.to_dict()
+    base = tmp_path / "base.gguf"
+    convert_folder(folder, base, "f32")
+    from_gguf = tmp_path / "from_gguf.gguf"
+    api.bake(str(base), run, from_gguf, format="gguf", allow_mismatch=True)
+    report = api.verify(str(base), from_gguf, run, limit=2)
+    assert report.passed and report.mean_kl <= 1e-6 and report.weights["passed"], report.to_dict()
+
+
+def test_weighted_removal_as_lora_equals_its_hook(tiny_model_factory, tmp_path):
+    folder = tiny_model_factory("llama")
+    run = _run(folder, tmp_path)
+    out = tmp_path / "lora"
+    api.export_lora(str(folder), run, out, gguf=False)
+    report = api.verify(str(folder), out, run, limit=2)
+    assert report.passed and report.max_kl <= 1e-6, report.to_dict()
+
+
+def test_projected_direction_is_orthogonal_to_the_harmless_mean():
+    g = torch.Generator().manual_seed(0)
+    r, mu = torch.randn(3, 4, 16, generator=g, dtype=torch.float64), torch.randn(3, 4, 16, generator=g)
+    p = project_off(r, mu)
+    assert float((p * mu.double()).sum(-1).abs().max()) < 1e-9
+    # what is left is the part of r orthogonal to mu: r - p is parallel to mu
+    resid = r - p
+    cos = (resid * mu.double()).sum(-1).abs() / (resid.norm(dim=-1) * mu.double().norm(dim=-1))
+    assert float((cos - 1).abs().max()) < 1e-9
+    assert torch.equal(project_off(r, torch.zeros(16)), r)
+
+
+def test_select_with_projected_candidates(tiny_model_factory, tmp_path):
+    folder = tiny_model_factory("qwen2", bias=True)
+    out = tmp_path / "sel"
+    api.select(str(folder), out, direction_method="projected", limit=8, limit_val=4)
+    d = Direction.load(out)
+    sel = json.loads((out / "selection.json").read_text())
+    assert sel["direction_method"] == "projected" and d.extra["direction_method"] == "projected"
+    # the chosen candidate is orthogonal to the harmless mean it was projected against
+    cos = float(d.direction @ d.reference) / float(d.direction.norm() * d.reference.norm())
+    assert abs(cos) < 1e-9
