@@ -130,3 +130,37 @@ def test_select_with_projected_candidates(tiny_model_factory, tmp_path):
     # the chosen candidate is orthogonal to the harmless mean it was projected against
     cos = float(d.direction @ d.reference) / float(d.direction.norm() * d.reference.norm())
     assert abs(cos) < 1e-9
+
+
+def test_tent_kernel():
+    from cosmic_bake.math.kernels import tent
+
+    s = tent(6, peak=2.0, width=2.0, max_weight=1.2, min_weight=0.2)
+    # index 0 is the embedding (layer -1), index l + 1 is layer l
+    assert s.shape == (7,)
+    assert float(s[3]) == pytest.approx(1.2) and float(s[1]) == pytest.approx(0.2) and float(s[5]) == pytest.approx(0.2)
+    assert float(s[2]) == pytest.approx(0.7) and float(s[0]) == 0.0 and float(s[6]) == 0.0
+    assert torch.equal(tent(6, 2.5, 6.0, 1.0, 1.0), torch.ones(7, dtype=torch.float64))
+
+
+def test_select_searches_a_weighted_removal_from_activations(tiny_model_factory, tmp_path):
+    folder = tiny_model_factory("qwen2", bias=True)
+    out = tmp_path / "sel"
+    api.select(str(folder), out, limit=8, limit_val=4, search_trials=6, search_kl=10.0, search_candidates=3)
+    sel = json.loads((out / "selection.json").read_text())
+    res = sel["edit_search"]
+    assert len(res["trials"]) == 6 and (out / "search.png").is_file()
+    # trial 0 is full removal of COSMIC's choice; its KL equals what eval's hook gives for that edit
+    first = res["trials"][0]
+    assert (first["position"], first["layer"]) == (sel["chosen"]["position"], sel["chosen"]["layer"])
+    assert first["max_weight"] == first["min_weight"] == 1.0
+    d = Direction.load(out)
+    chosen = res["chosen"]
+    assert (d.position, d.layer) == (chosen["position"], chosen["layer"])
+    assert d.strengths is not None and [round(float(x), 6) for x in d.strengths] == res["strengths"]
+    # the chosen trial is the best S_comply within the KL target
+    assert chosen["s_comply"] == max(t["s_comply"] for t in res["trials"] if t["kl"] <= 10.0)
+    # what it writes bakes and verifies like any removal
+    baked = tmp_path / "baked"
+    api.bake(str(folder), out, baked)
+    assert api.verify(str(folder), baked, out, limit=2).passed

@@ -12,7 +12,7 @@ import torch
 from cosmic_bake.artifacts import DIRECTION_FILE, SELECTION_FILE, Direction, model_hash, source_record
 from cosmic_bake.model.devices import input_device
 from cosmic_bake.outputs import TOOL, atomic_dir, manifest, write_json
-from cosmic_bake.plots import plot_layer_similarities, plot_score_grids
+from cosmic_bake.plots import plot_edit_search, plot_layer_similarities, plot_score_grids
 from cosmic_bake.progress import note
 from cosmic_bake.select.selection import Selection, select_sets
 from cosmic_bake.sharing import portable, portable_name
@@ -75,6 +75,29 @@ LOW_PRECISION_NOTE = (
 )
 
 
+def _search(lm, arch, fmt, sets, s: SelectSettings, sel, direction: Direction):
+    """Search the weighted removal (:mod:`cosmic_bake.select.search`) and put the chosen edit into ``direction``."""
+    from cosmic_bake.model.architecture import sliding_window
+    from cosmic_bake.select.candidates import Batches
+    from cosmic_bake.select.search import search_edit, top_candidates
+
+    layout = {"packed": True, "share_prefix": True, "window": sliding_window(lm.model)}
+    val = [Batches.make(fmt, sets[k], sel.batch_size, **layout) for k in ("harmful val", "harmless val")]
+    total = sel.grid.first + sel.grid.second if sel.selector == "cosmic" else -sel.grid.first
+    cands = top_candidates(total, sel.verdicts, sel.chosen, s.search_candidates)
+    res = search_edit(
+        lm.model, arch, sel.candidates, *val, sel.eval_layers, cands, n_trials=s.search_trials, kl_target=s.search_kl
+    )
+    best = res.best()
+    i = best.position + sel.candidates.n_positions
+    direction.direction = sel.candidates.directions[i, best.layer]
+    direction.reference = sel.candidates.harmless_mean[i, best.layer]
+    direction.position, direction.layer = best.position, best.layer
+    direction.strengths = res.strengths()
+    direction.extra["edit"] = "weighted removal (searched)"
+    return res
+
+
 def run_select(
     lm, arch, fmt, sets: dict[str, list[str]], s: SelectSettings, inputs: Iterable[str | os.PathLike]
 ) -> dict:
@@ -119,12 +142,20 @@ def run_select(
         if swept.chosen is not None:
             direction.alpha = swept.chosen
         record["alpha_sweep"] = swept.to_dict()
+    searched = _search(lm, arch, fmt, sets, s, sel, direction) if s.search_trials else None
+    if searched is not None:
+        record["edit_search"] = searched.to_dict()
     with atomic_dir(s.output, force=s.force, inputs=inputs) as tmp:
         direction.save(tmp)
         if swept is not None:
             from cosmic_bake.select.sweep import write_sweep
 
             write_sweep(swept, tmp, f"affine sweep on validation prompts, {name}")
+        if searched is not None:
+            res = record["edit_search"]
+            plot_edit_search(
+                res["trials"], res["chosen"], res["strengths"], s.search_kl, tmp / "search.png", f"edit search, {name}"
+            )
         plot_layer_similarities(
             sel.candidates.similarities,
             sel.eval_layers,

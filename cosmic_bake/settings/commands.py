@@ -55,10 +55,24 @@ class SelectSettings(Selecting):
         False,
         "Compute every candidate's KL, for the full table and plots (default: only while it can change the choice).",
     )
+    search_trials: int = opt(
+        0,
+        "After choosing, search per-layer removal strengths and the direction among the top candidates for N "
+        "Optuna trials, scored on activations (S_comply, KL); the run then holds the searched edit.",
+        min=0,
+    )
+    search_kl: float = opt(
+        0.05, "--search-trials: the most harmless first-token KL (validation) a chosen edit may have."
+    )
+    search_candidates: int = opt(8, "--search-trials: how many of the best candidates the search may remove.", min=1)
 
     def check(self) -> None:
         if self.alphas and self.mode != "affine":
             raise CosmicBakeError("--alphas applies to --mode affine", "drop --alphas, or select with --mode affine")
+        if self.search_trials and self.mode != "ablate":
+            raise CosmicBakeError(
+                "--search-trials searches a weighted removal", "select with --mode ablate, or drop --search-trials"
+            )
 
 
 @dataclass(frozen=True, kw_only=True)
