@@ -7,7 +7,7 @@
 #
 # Optional env: STARTUP_TRIALS (default 30% of TRIALS), N_PROMPTS (cap every prompt set),
 # MAX_RESPONSE_LENGTH (100), BATCH_SIZE (32), SEED (42), KL_MAX (0.5), MODEL, VENV, PROMPTS, DATA.
-# Writes OUT/config.toml, OUT/heretic.log, OUT/heretic_time.txt, OUT/heretic_trials.tsv,
+# Writes OUT/config.toml, OUT/heretic.log (+ heretic_timed.log), OUT/heretic_time.txt, OUT/heretic_trials.tsv,
 # OUT/heretic_choice.txt and the chosen trial's merged model in OUT/model.
 # The trial saved: the Pareto-front trial with the fewest refusals whose KL <= KL_MAX
 # (else the front's lowest-KL trial). Menus are answered on stdin (COLAB_GPU=1 makes them input()).
@@ -93,13 +93,14 @@ EOF
 rm -rf "$OUT/checkpoints" "$OUT/model"
 
 # Drives heretic's numbered input() menus: pick a trial, save it merged to OUT/model, exit.
-DRIVER=$(cat <<'EOF'
-import os, re, subprocess, sys, time
+cat > "$OUT/heretic_driver.py" <<'EOF'
+import os, re, select, subprocess, sys, time
 out, kl_max, cmd = sys.argv[1], float(sys.argv[2]), sys.argv[3:]
 t0 = time.time()
 proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
 buf, since, lines, state = b"", "", [], {"saved": False}
 trials, cur = [], None
+timed = open(os.path.join(out, "heretic_timed.log"), "w")  # each line with seconds since start
 
 def choose(text):
     for q in ("Which trial do you want to use?", "What do you want to do with the decensored model?",
@@ -134,6 +135,12 @@ def choose(text):
     raise SystemExit("unexpected menu:\n" + text)
 
 while True:
+    # An unknown question (output ending in ": " and then silence) stops the run instead of hanging.
+    if not select.select([proc.stdout], [], [], 300)[0]:
+        if buf.rstrip(b" ").endswith((b":", b"?")):
+            proc.kill()
+            raise SystemExit("heretic_run.sh: unanswered question: " + buf.decode("utf-8", "replace")[-200:])
+        continue
     chunk = os.read(proc.stdout.fileno(), 65536)
     if not chunk:
         break
@@ -143,6 +150,7 @@ while True:
     for raw in done:
         line = raw.decode("utf-8", "replace")
         now = time.time() - t0
+        timed.write(f"{now:8.1f}  {line}\n"); timed.flush()
         m = re.search(r"Running trial (\d+) of", line)
         if m:
             cur = {"trial": int(m[1]), "start": now}
@@ -160,7 +168,7 @@ while True:
     tail = rest.decode("utf-8", "replace")
     if tail.endswith("Enter number: "):
         answer, what = choose(since)
-    elif tail.endswith("Path to the folder: "):
+    elif re.search(r"Path to the folder:+ $", tail):  # 1.4.0 prints "Path to the folder:: "
         answer, what = os.path.join(out, "model"), "save"
     else:
         continue
@@ -175,18 +183,17 @@ with open(os.path.join(out, "heretic_trials.tsv"), "w") as f:
         f.write(f"{t['trial']}\t{t['start']:.1f}\t{d}\t{t.get('kl', '')}\t{t.get('refusals', '')}\n")
 sys.exit(rc if state["saved"] or rc else 3)
 EOF
-)
 
 export HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TRANSFORMERS_OFFLINE=1 COLAB_GPU=1 COLUMNS=200 PYTHONUNBUFFERED=1
 cd "$OUT"
 start=$(date +%s.%N)
 set +e
 /usr/bin/time -v -o "$OUT/heretic_time.txt" \
-  "$VENV/bin/python" -c "$DRIVER" "$OUT" "$KL_MAX" "$VENV/bin/heretic" 2>&1 | tee "$OUT/heretic.log"
+  "$VENV/bin/python" "$OUT/heretic_driver.py" "$OUT" "$KL_MAX" "$VENV/bin/heretic" 2>&1 | tee "$OUT/heretic.log"
 rc=${PIPESTATUS[0]}
 set -e
 end=$(date +%s.%N)
 printf 'wall_s=%.1f trials=%s startup_trials=%s n_prompts=%s max_response_length=%s batch_size=%s rc=%s\n' \
-  "$(python3 -c "print($end - $start)")" "$TRIALS" "$STARTUP_TRIALS" "${N_PROMPTS:-all}" "$MAX_RESPONSE_LENGTH" \
+  "$(echo "$end - $start" | bc)" "$TRIALS" "$STARTUP_TRIALS" "${N_PROMPTS:-all}" "$MAX_RESPONSE_LENGTH" \
   "$BATCH_SIZE" "$rc" >> "$OUT/heretic_time.txt"
 exit "$rc"

@@ -26,7 +26,7 @@ from cosmic_bake.errors import CosmicBakeError
 from cosmic_bake.math.projections import affine_target, remove_component_, scale_component_, unit
 from cosmic_bake.model.architecture import Architecture
 
-KINDS = ("remove", "add", "affine", "pin", "scale")
+KINDS = ("remove", "add", "affine", "pin", "scale", "remove_at")
 
 
 @dataclass(frozen=True)
@@ -44,6 +44,8 @@ class Intervention:
     block 0 and at every writer output, so no block ever writes along ``r_hat``, plus
     ``c = (mu . r_hat) r_hat + alpha * r`` added at the input of block ``layer``. The stream's
     component along ``r_hat`` is then 0 before ``layer`` and pinned to ``c . r_hat`` from there on.
+    ``remove_at``: removal at the input of block ``layer`` only (in place): how the paper's code
+    jailbreaks a model before running COSMIC again on it (hook only; weights cannot carry it).
     ``scale`` (beyond the paper; ``alpha`` is ``beta``): the component along ``r_hat`` is scaled by
     ``1 + beta`` around the midpoint ``m`` of the harmful and harmless means' projections
     (``m = mu . r_hat + |r| / 2``): ``x <- x + beta ((x . r_hat) - m) r_hat`` at block 0's input
@@ -288,7 +290,9 @@ def register(arch: Architecture, iv: Intervention) -> list[torch.utils.hooks.Rem
         if iv.kind == "remove":
             return handles
     block = arch.blocks[iv.layer].block
-    if iv.kind in ("add", "pin"):
+    if iv.kind == "remove_at":
+        handles.append(block.register_forward_pre_hook(_remove_pre(_Cast(r_hat)), with_kwargs=True))
+    elif iv.kind in ("add", "pin"):
         handles.append(block.register_forward_pre_hook(_add_pre(_Cast(iv.constant())), with_kwargs=True))
     else:
         target = iv.constant()

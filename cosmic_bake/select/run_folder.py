@@ -11,6 +11,7 @@ import torch
 
 from cosmic_bake.artifacts import DIRECTION_FILE, SELECTION_FILE, Direction, model_hash, source_record
 from cosmic_bake.model.devices import input_device
+from cosmic_bake.model.hooks import intervene
 from cosmic_bake.outputs import TOOL, atomic_dir, manifest, write_json
 from cosmic_bake.plots import plot_edit_search, plot_layer_similarities, plot_score_grids
 from cosmic_bake.progress import note
@@ -75,6 +76,19 @@ LOW_PRECISION_NOTE = (
 )
 
 
+def under_hook(s: SelectSettings, arch) -> tuple:
+    """The hook ``--under RUN_DIR`` runs selection beneath: RUN_DIR's baked hook, or with
+    ``--under-one-layer`` removal at the input of its layer only (the paper's jailbreak)."""
+    from cosmic_bake.model.hooks import Intervention
+
+    if s.under is None:
+        return ()
+    d = Direction.load(s.under)
+    if s.under_one_layer:
+        return (Intervention("remove_at", d.direction, d.layer),)
+    return (d.hook(),)
+
+
 def _search(lm, arch, fmt, sets, s: SelectSettings, sel, direction: Direction):
     """Search the weighted removal (:mod:`cosmic_bake.select.search`) and put the chosen edit into ``direction``."""
     from cosmic_bake.model.architecture import sliding_window
@@ -114,7 +128,9 @@ def run_select(
     dtype = arch.embed.weight.dtype
     if dtype in (torch.bfloat16, torch.float16):
         note(f"scoring in {str(dtype).removeprefix('torch.')}: {LOW_PRECISION_NOTE}")
-    sel = select_sets(lm.model, arch, fmt, sets, s, mode=s.mode, selector=s.selector)
+    under = under_hook(s, arch)
+    with intervene(arch, *under):
+        sel = select_sets(lm.model, arch, fmt, sets, s, mode=s.mode, selector=s.selector)
     t = time.perf_counter()
     src = source_record(lm.source, s.record_paths)
     name = portable_name(lm.source.spec)
@@ -123,26 +139,33 @@ def run_select(
     record["prompt_sampling"] = getattr(sets, "sampling", None)  # how each set was cut from its file
     pos, layer = sel.chosen
     direction = chosen_direction(sel, lm, fmt)
+    if under:
+        record["under"] = {"run": portable_name(str(s.under)), "one_layer": s.under_one_layer, "hook": under[0].kind}
+        direction.extra["under"] = f"{portable_name(str(s.under))} ({under[0].kind})"
     swept = None
     if s.alphas:
         from cosmic_bake.select.sweep import sweep
 
-        swept = sweep(
-            lm.model,
-            arch,
-            fmt,
-            direction,
-            mode=s.mode,
-            alphas=list(s.alphas),
-            harmful=sets["harmful val"],
-            harmless=sets["harmless val"],
-            batch_size=sel.batch_size if input_device(lm.model).type != "cpu" else min(sel.batch_size, 16),
-            max_harmless_refusal=s.max_harmless_refusal,
-        )
+        with intervene(arch, *under):
+            swept = sweep(
+                lm.model,
+                arch,
+                fmt,
+                direction,
+                mode=s.mode,
+                alphas=list(s.alphas),
+                harmful=sets["harmful val"],
+                harmless=sets["harmless val"],
+                batch_size=sel.batch_size if input_device(lm.model).type != "cpu" else min(sel.batch_size, 16),
+                max_harmless_refusal=s.max_harmless_refusal,
+            )
         if swept.chosen is not None:
             direction.alpha = swept.chosen
         record["alpha_sweep"] = swept.to_dict()
-    searched = _search(lm, arch, fmt, sets, s, sel, direction) if s.search_trials else None
+    searched = None
+    if s.search_trials:
+        with intervene(arch, *under):
+            searched = _search(lm, arch, fmt, sets, s, sel, direction)
     if searched is not None:
         record["edit_search"] = searched.to_dict()
     with atomic_dir(s.output, force=s.force, inputs=inputs) as tmp:

@@ -65,10 +65,20 @@ class SelectSettings(Selecting):
         0.05, "--search-trials: the most harmless first-token KL (validation) a chosen edit may have."
     )
     search_candidates: int = opt(8, "--search-trials: how many of the best candidates the search may remove.", min=1)
+    under: Path | None = opt(
+        None,
+        "Select on the model as edited by RUN_DIR's hook (a jailbroken model without baking it); recorded.",
+        inputs="file",
+    )
+    under_one_layer: bool = opt(
+        False, "--under: remove RUN_DIR's direction at the input of its own layer only (the paper's protocol)."
+    )
 
     def check(self) -> None:
         if self.alphas and self.mode != "affine":
             raise CosmicBakeError("--alphas applies to --mode affine", "drop --alphas, or select with --mode affine")
+        if self.under_one_layer and self.under is None:
+            raise CosmicBakeError("--under-one-layer needs --under RUN_DIR", "pass the run whose direction to remove")
         if self.search_trials and self.mode != "ablate":
             raise CosmicBakeError(
                 "--search-trials searches a weighted removal", "select with --mode ablate, or drop --search-trials"
