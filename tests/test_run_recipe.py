@@ -189,3 +189,36 @@ def test_push_refuses_a_folder_without_weights(tmp_path):
     assert isinstance(result.exception, CosmicBakeError) and "config.json" in str(result.exception)
     bad_id = _run(["push", str(tmp_path), "--repo-id", "not a repo", "--dry-run"])
     assert "is not owner/name" in str(bad_id.exception)
+
+
+def test_a_recipe_starts_from_another_recipes_output(tiny_model_factory, tmp_path, monkeypatch):
+    """``model = "recipe:OTHER.toml"``: the other recipe runs first when its model folder is missing,
+    then this one edits that folder, with every KL against ``eval.reference``."""
+    model = tiny_model_factory("llama", num_layers=4)
+    first = _recipe(tmp_path, model, formats='["hf"]')
+    second = tmp_path / "restore.toml"
+    second.write_text(
+        first.read_text()
+        .replace(f'model = "{model}"', f'model = "recipe:{first.name}"')
+        .replace('gguf_outtypes = ["q8_0"]', "")
+        .replace("[eval]", f'[eval]\nreference = "{model}"')
+        .replace('formats = ["hf"]', 'formats = ["hf"]\n[select]\nmode = "affine"\nlimit = 12\nlimit_val = 4')
+        .replace("[select]\nlimit = 12\nlimit_val = 4\nkl_threshold = 1e9\n", "", 1),
+        encoding="utf-8",
+    )
+    monkeypatch.chdir(tmp_path)  # both run folders default to runs/NAME
+    result = _run(["run", str(second)])
+    assert result.exit_code == 0, result.output[-3000:] + repr(result.exception)
+    made = tmp_path / "runs" / "tiny" / "model"
+    assert (made / "manifest.json").is_file() and "running that recipe first" in result.output
+    out = tmp_path / "runs" / "restore"
+    summary = json.loads((out / "summary.json").read_text())
+    assert {r["export"] for r in summary["rows"]} == {"reference", "unedited", "hf"}
+    bake = json.loads((out / "model" / "manifest.json").read_text())
+    assert bake["direction"]["mode"] == "affine"
+    evals = {p.stem: json.loads(p.read_text()) for p in (out / "reports").glob("eval-*.json")}
+    assert evals["eval-reference"]["harmless_kl"] == 0.0
+    assert evals["eval-unedited"]["settings"]["kl_against"] == model.name  # the jailbroken model against the original
+    # a second run reuses the other recipe's folder instead of running it again
+    again = _run(["run", str(second)])
+    assert again.exit_code == 0 and "running that recipe first" not in again.output

@@ -27,6 +27,11 @@ overrides on its command line (heretic's layered config, in TOML).
     [eval]
     baseline = true            # also evaluate the unedited model
     limit_harmless = 32
+    reference = "builtin:..."  # also evaluate this model, and measure every KL against it
+
+``model = "recipe:OTHER.toml"`` (a path relative to this recipe) takes the transformers folder
+another recipe writes (its run folder's ``model/``), running that recipe first when the folder is
+missing: a restoring recipe starts from the jailbroken model a removal recipe makes.
 
 Keys the run itself manages (outputs, the direction, ``--force``) are refused with a clear error.
 """
@@ -46,7 +51,7 @@ from cosmic_bake.settings.base import Settings
 STEPS = ("select", "bake", "verify", "eval")
 RUN_KEYS = {  # keys a step section may hold that are the run's, not the command's
     "bake": {"formats", "gguf_outtypes"},
-    "eval": {"baseline", "targets"},
+    "eval": {"baseline", "targets", "reference"},
     "verify": {"targets"},
 }
 MANAGED = {"output", "direction", "force", "kl_against", "model", "original", "baked"}

@@ -103,9 +103,15 @@ def plan_steps(recipe: Recipe, out: Path, record_paths: bool = False) -> list[St
         managed = {"original": m, "baked": str(exports[name]), "direction": direction, "output": report}
         settings = settings_of("verify", VerifySettings, managed)
         steps.append(Step(f"verify-{name}", "verify", settings, [report], ["select", _bake_step(name)], may_fail=True))
+    reference = recipe.run_option("eval", "reference", None)
+    against = {"kl_against": reference} if reference else {}
+    if reference:
+        report = reports / "eval-reference.json"
+        settings = settings_of("eval", EvalSettings, {"model": reference, "output": report, "force": True})
+        steps.append(Step("eval-reference", "eval", settings, [report]))
     if recipe.run_option("eval", "baseline", True):
         report = reports / "eval-unedited.json"
-        settings = settings_of("eval", EvalSettings, {"model": m, "output": report, "force": True})
+        settings = settings_of("eval", EvalSettings, {"model": m, "output": report, "force": True, **against})
         steps.append(Step("eval-unedited", "eval", settings, [report]))
     for name in recipe.run_option("eval", "targets", list(exports)):
         if name not in exports:
@@ -114,7 +120,7 @@ def plan_steps(recipe: Recipe, out: Path, record_paths: bool = False) -> list[St
         # KL against the source in the same runtime as the export (a transformers folder would
         # otherwise be compared with llama.cpp's logits of a GGUF source, adding its rounding)
         defaults = {"runtime": "transformers"} if name == "hf" else {}
-        managed = {"model": str(exports[name]), "kl_against": m, "output": report, "force": True}
+        managed = {"model": str(exports[name]), "kl_against": reference or m, "output": report, "force": True}
         settings = settings_of("eval", EvalSettings, managed, defaults)
         steps.append(Step(f"eval-{name}", "eval", settings, [report], [_bake_step(name)]))
     return steps
@@ -224,7 +230,8 @@ def run_recipe(
     from cosmic_bake.outputs import TOOL, check_target, manifest, write_json, write_text
 
     recipe = load_recipe(s.recipe_file, [*s.overrides, *([f'model="{s.model}"'] if s.model else [])])
-    out = (s.output or Path(recipe.output or Path("runs") / Path(s.recipe_file).stem)).resolve()
+    recipe.model = chained_model(recipe, s, echo=echo, show=show, session=session)
+    out = run_folder(recipe, s.output)
     steps = plan_steps(recipe, out, s.record_paths)
     # the run folder is resumed in place, never replaced; each step's own output is checked by its call
     check_target(out, force=True, inputs=run_inputs(s.recipe_file, steps), kind="run")
@@ -254,6 +261,32 @@ def run_recipe(
     )
     echo("\n" + text)
     return exit_code(results)
+
+
+CHAIN = "recipe:"
+
+
+def run_folder(recipe: Recipe, output: Path | None) -> Path:
+    """``-o``, else the recipe's ``output``, else ``runs/RECIPE_NAME`` (resolved)."""
+    return (output or Path(recipe.output or Path("runs") / Path(recipe.source).stem)).resolve()
+
+
+def chained_model(recipe: Recipe, s: RunSettings, **kw) -> str:
+    """The model a recipe names; ``recipe:OTHER.toml`` is that recipe's ``model/`` folder, made first if missing."""
+    if not recipe.model.startswith(CHAIN):
+        return recipe.model
+    path = Path(recipe.source).parent / recipe.model[len(CHAIN) :]
+    other = load_recipe(path)
+    if "hf" not in other.formats:
+        raise CosmicBakeError(
+            f"{recipe.model} exports no transformers folder to start from", f'add "hf" to bake.formats in {path.name}'
+        )
+    folder = run_folder(other, None) / "model"
+    if not (folder / "manifest.json").is_file():
+        kw.get("echo", click.echo)(f"{recipe.model}: {folder} is missing; running that recipe first")
+        if run_recipe(RunSettings.build(recipe_file=path, record_paths=s.record_paths), **kw):
+            raise CosmicBakeError(f"the recipe {path.name} that makes the model failed", f"run it alone: {path}")
+    return str(folder)
 
 
 def summarize(out: Path, results: list[StepResult]) -> dict:
