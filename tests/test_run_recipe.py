@@ -121,7 +121,7 @@ def test_bad_recipes_are_one_clear_line(tmp_path, body, expect):
 @pytest.mark.parametrize("path", sorted(RECIPES.glob("*.toml")), ids=lambda p: p.stem)
 def test_shipped_recipes_plan_valid_steps(path, tmp_path):
     recipe = load_recipe(path)
-    assert recipe.goal in ("remove refusals", "make safer") and recipe.description
+    assert recipe.goal in ("remove refusals", "make safer", "restore refusals") and recipe.description
     steps = plan_steps(recipe, tmp_path)  # builds (and so validates) every step's settings
     names = [s.name for s in steps]
     assert names[0] == "select" and "bake-hf" in names and any(n.startswith("verify-") for n in names)
