@@ -61,6 +61,18 @@ def held_out_files(out: Path) -> dict[str, Path]:
     return {k: p for k, (p, _) in files.items()} | {"harmless": DATA / "harmless_train.json"}
 
 
+def cached(path: Path, make):
+    """``make()`` once, kept in ``path`` (a selection takes minutes; a rerun of the rows reuses it)."""
+    if path.is_file():
+        obj, seconds = torch.load(path, weights_only=False)
+        return obj, seconds
+    t = time.perf_counter()
+    obj = make()
+    seconds = time.perf_counter() - t
+    torch.save((obj, seconds), path)
+    return obj, seconds
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", type=Path, required=True)
@@ -128,9 +140,10 @@ def main() -> None:
         names = (f"cosmic-{method}", f"search-{method}", f"refusal-score-{method}")
         if all((rows_dir / f"{n}.json").exists() or (wanted and n not in wanted) for n in names):
             continue
-        t = time.perf_counter()
-        sel = select_sets(lm.model, arch, fmt, sets, _Settings(method), mode="ablate", selector="cosmic")
-        t_sel = time.perf_counter() - t
+        sel, t_sel = cached(
+            args.out / f"select-{method}.pt",
+            lambda m=method: select_sets(lm.model, arch, fmt, sets, _Settings(m), mode="ablate", selector="cosmic"),
+        )
         pos, layer = sel.chosen
         run_row(
             f"cosmic-{method}",
@@ -167,20 +180,23 @@ def main() -> None:
                     "search_seconds": t_search,
                     "select_seconds": t_sel,
                     "val_s_comply": best.s_comply,
+                    "val_gap": best.gap,
                     "val_kl": best.kl,
                 },
             )
         if method == "mean" and not (rows_dir / "refusal-score-mean.json").exists():
-            t = time.perf_counter()
-            rs = select_sets(
-                lm.model,
-                arch,
-                fmt,
-                sets,
-                _Settings(method),
-                mode="ablate",
-                selector="refusal-score",
-                candidates=sel.candidates,
+            rs, t_rs = cached(
+                args.out / "select-refusal-score.pt",
+                lambda sel=sel: select_sets(
+                    lm.model,
+                    arch,
+                    fmt,
+                    sets,
+                    _Settings("mean"),
+                    mode="ablate",
+                    selector="refusal-score",
+                    candidates=sel.candidates,
+                ),
             )
             pos, layer = rs.chosen
             run_row(
@@ -190,7 +206,7 @@ def main() -> None:
                     "edit": "full removal, refusal-score selector",
                     "position": pos,
                     "layer": layer,
-                    "select_seconds": time.perf_counter() - t,
+                    "select_seconds": t_rs,
                 },
             )
     if args.recipe_run is not None:

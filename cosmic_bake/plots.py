@@ -94,15 +94,15 @@ def plot_comparison(labels: list[str], series: dict[str, list[float]], path: Pat
 def plot_edit_search(
     trials: list[dict], chosen: dict, strengths: list[float], kl_target: float, path: Path, title: str
 ) -> Path:
-    """Left: every trial's validation KL against S_comply, the chosen one ringed; right: its strengths per layer."""
+    """Left: every trial's validation KL against the separation left, the chosen one ringed; right: its strengths."""
     fig, (ax, bx) = plt.subplots(1, 2, figsize=(11, 4))
-    ax.scatter([t["kl"] for t in trials], [t["s_comply"] for t in trials], s=14, alpha=0.6, label="trials")
-    ax.scatter([trials[0]["kl"]], [trials[0]["s_comply"]], marker="s", color="gray", label="full removal (trial 0)")
-    ax.scatter([chosen["kl"]], [chosen["s_comply"]], s=120, facecolors="none", edgecolors="red", label="chosen")
+    ax.scatter([t["kl"] for t in trials], [t["gap"] for t in trials], s=14, alpha=0.6, label="trials")
+    ax.scatter([trials[0]["kl"]], [trials[0]["gap"]], marker="s", color="gray", label="full removal (trial 0)")
+    ax.scatter([chosen["kl"]], [chosen["gap"]], s=120, facecolors="none", edgecolors="red", label="chosen")
     ax.axvline(kl_target, color="red", ls="--", lw=0.8)
     ax.set_xscale("symlog", linthresh=1e-3)
     ax.set_xlabel("harmless first-token KL (validation)")
-    ax.set_ylabel("S_comply")
+    ax.set_ylabel("harmful/harmless separation left (0: none)")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     bx.bar(range(-1, len(strengths) - 1), strengths)

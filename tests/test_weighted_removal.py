@@ -158,9 +158,26 @@ def test_select_searches_a_weighted_removal_from_activations(tiny_model_factory,
     chosen = res["chosen"]
     assert (d.position, d.layer) == (chosen["position"], chosen["layer"])
     assert d.strengths is not None and [round(float(x), 6) for x in d.strengths] == res["strengths"]
-    # the chosen trial is the best S_comply within the KL target
-    assert chosen["s_comply"] == max(t["s_comply"] for t in res["trials"] if t["kl"] <= 10.0)
+    # the chosen trial leaves the least separation within the KL target
+    assert abs(chosen["gap"]) == min(abs(t["gap"]) for t in res["trials"] if t["kl"] <= 10.0)
     # what it writes bakes and verifies like any removal
     baked = tmp_path / "baked"
     api.bake(str(folder), out, baked)
     assert api.verify(str(folder), baked, out, limit=2).passed
+
+
+def test_refusal_gap_falls_with_the_strength_of_a_removal():
+    from cosmic_bake.math.scores import refusal_gap
+
+    g = torch.Generator().manual_seed(1)
+    harmless = torch.randn(20, 2, 16, generator=g, dtype=torch.float64)
+    shift = torch.randn(2, 16, generator=g, dtype=torch.float64)
+    harmful = torch.randn(20, 2, 16, generator=g, dtype=torch.float64) + 3 * shift
+    assert refusal_gap(harmful, harmful, harmless) == pytest.approx(1.0)
+    gap = harmful.mean(0) - harmless.mean(0)
+    unit = gap / gap.norm(dim=-1, keepdim=True)
+    lefts = []
+    for s in (0.0, 0.25, 0.5, 0.75, 1.0):  # remove s of each prompt's excess along the gap
+        edited = harmful - s * ((harmful - harmless.mean(0)) * unit).sum(-1, keepdim=True) * unit
+        lefts.append(refusal_gap(edited, harmful, harmless))
+    assert lefts == pytest.approx([1.0, 0.75, 0.5, 0.25, 0.0], abs=1e-9)

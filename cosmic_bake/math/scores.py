@@ -201,3 +201,20 @@ def choose_visiting(
         if verdicts[i][layer].kept:
             pick = (i, layer)
     return pick
+
+
+def refusal_gap(harmful: torch.Tensor, harmful_ref: torch.Tensor, harmless_ref: torch.Tensor) -> float:
+    """How much of the harmful/harmless separation is left, along the separation itself.
+
+    ``*`` are block outputs ``[n, k, d]`` at the evaluation layers (last token): ``harmful`` under
+    an edit, the two ``*_ref`` without it. Per layer ``j``, with ``g_j`` the unedited gap between
+    the harmful and harmless means, the edited harmful mean's distance past the harmless mean along
+    ``g_j`` is divided by ``|g_j|``; the result is the mean over layers: 1 unchanged, 0 where the
+    harmful prompts sit where the harmless ones do. Unlike ``S_comply`` (a cosine of means that
+    share a large common component) it falls steadily as the edit's strength grows.
+    """
+    base = harmless_ref.double().mean(0)
+    gap = harmful_ref.double().mean(0) - base  # [k, d]
+    unit_gap = gap / (gap.norm(dim=-1, keepdim=True) + UNIT_EPS)
+    left = ((harmful.double().mean(0) - base) * unit_gap).sum(-1) / (gap.norm(dim=-1) + UNIT_EPS)
+    return float(left.mean())

@@ -7,14 +7,22 @@ top-scoring candidates to remove, and a tent kernel of strengths over the layers
 Each trial is scored as COSMIC scores a candidate, by running the validation prompts under the
 edit it will bake (:class:`~cosmic_bake.model.hooks.Intervention` with ``strengths``):
 
-* ``s_comply``: cosine of the harmful prompts' pooled activations at the evaluation layers with
-  the harmless ones' (COSMIC's ``S_comply``; higher: harmful prompts look harmless);
+* ``gap``: the share of the harmful/harmless separation left at COSMIC's evaluation layers, along
+  the separation (:func:`~cosmic_bake.math.scores.refusal_gap`; 0: harmful prompts sit where
+  harmless ones do), from the same pass as COSMIC's ``s_comply`` (recorded too);
 * ``kl``: first-token ``KL(unedited || edited)`` on the harmless validation prompts (exact, not
   smoothed: the same figure ``eval`` reports).
 
-No generated text is read. Optuna's multivariate TPE sampler explores the two objectives; the
-chosen trial has the highest ``s_comply`` among those with ``kl <= kl_target``. The first trial is
-plain full-strength removal of COSMIC's choice, so the search starts from the paper's edit.
+No generated text is read. Optuna's multivariate TPE sampler explores the two objectives (``|gap|``
+and ``kl``, both minimised); the chosen trial has the smallest ``|gap|`` among those with
+``kl <= kl_target``. The first trial is plain full-strength removal of COSMIC's choice, so the
+search starts from the paper's edit.
+
+Why not ``s_comply`` alone: measured on Qwen2.5-Coder-0.5B (``benchmarks/edit_pareto.py``), the
+trial with the best ``s_comply`` within KL 0.05 removed about half of the component everywhere and
+left 12/39 harmful prompts refused, where full removal left 7/39: the cosine of pooled means
+barely moves with strength (0.963-0.970 over 40 trials), so it cannot tell a half edit from a
+whole one.
 """
 
 from __future__ import annotations
@@ -45,6 +53,7 @@ class SearchTrial:
     min_weight: float
     s_comply: float
     kl: float
+    gap: float = float("nan")
 
 
 @dataclass
@@ -57,7 +66,7 @@ class EditSearch:
     eval_layers: list[int]
     n_layers: int
     seconds: float
-    sampler: str = "optuna TPESampler(multivariate=True), objectives: maximize s_comply, minimize kl"
+    sampler: str = "optuna TPESampler(multivariate=True), objectives: minimize |gap|, minimize kl"
     notes: list[str] = field(default_factory=list)
 
     def best(self) -> SearchTrial:
@@ -120,18 +129,20 @@ def search_edit(
     t0 = time.perf_counter()
     L, P = arch.n_layers, cands.n_positions
     base_harmless = _baseline(model, arch, harmless_val, eval_layers, keep_inputs=False)
+    base_harmful = _baseline(model, arch, harmful_val, eval_layers, keep_inputs=False)
     b_minus = S.pooled_unit(base_harmless.outputs)
     base_logits = torch.cat(base_harmless.logits)
     stop = max(eval_layers)
 
-    def score(i: int, layer: int, strengths: torch.Tensor) -> tuple[float, float]:
+    def score(i: int, layer: int, strengths: torch.Tensor) -> tuple[float, float, float]:
         iv = Intervention.remove(cands.directions[i, layer], strengths)
         outs, _ = _run(model, arch, harmful_val, iv, layers=eval_layers, stop=stop)
         _, lg = _run(model, arch, harmless_val, iv, logits=True)
-        return S.pooled_cosine(outs, b_minus), float(S.kl_divergence(base_logits, torch.cat(lg)).mean())
+        gap = S.refusal_gap(outs, base_harmful.outputs, base_harmless.outputs)
+        return S.pooled_cosine(outs, b_minus), float(S.kl_divergence(base_logits, torch.cat(lg)).mean()), gap
 
     sampler = optuna.samplers.TPESampler(multivariate=True, seed=seed, n_startup_trials=min(10, n_trials))
-    study = optuna.create_study(directions=["maximize", "minimize"], sampler=sampler)
+    study = optuna.create_study(directions=["minimize", "minimize"], sampler=sampler)
     study.enqueue_trial({"candidate": 0, "peak": (L - 1) / 2, "width": float(L), "max_weight": 1.0, "min_frac": 1.0})
     trials: list[SearchTrial] = []
     for n in progress(range(n_trials), "edit search (trials)"):
@@ -142,11 +153,11 @@ def search_edit(
         max_w = trial.suggest_float("max_weight", 0.5, 1.5)
         min_w = max_w * trial.suggest_float("min_frac", 0.0, 1.0)
         i, layer = candidates[c]
-        s_comply, kl = score(i, layer, tent(L, peak, width, max_w, min_w))
-        study.tell(trial, [s_comply, kl])
-        trials.append(SearchTrial(n, i - P, layer, peak, width, max_w, min_w, s_comply, kl))
+        s_comply, kl, gap = score(i, layer, tent(L, peak, width, max_w, min_w))
+        study.tell(trial, [abs(gap), kl])
+        trials.append(SearchTrial(n, i - P, layer, peak, width, max_w, min_w, s_comply, kl, gap))
     within = [k for k, t in enumerate(trials) if t.kl <= kl_target]
-    chosen = max(within, key=lambda k: trials[k].s_comply) if within else None
+    chosen = min(within, key=lambda k: abs(trials[k].gap)) if within else None
     result = EditSearch(trials, chosen, kl_target, list(eval_layers), L, time.perf_counter() - t0)
     if chosen is None:
         msg = f"no trial reached KL <= {kl_target:g} on the validation prompts; kept the lowest KL"
