@@ -69,6 +69,7 @@ def cached(path: Path, make):
     t = time.perf_counter()
     obj = make()
     seconds = time.perf_counter() - t
+    obj.grid.kl_of = None  # a closure over the model: not kept (every KL needed is already filled in)
     torch.save((obj, seconds), path)
     return obj, seconds
 
