@@ -181,3 +181,19 @@ def test_refusal_gap_falls_with_the_strength_of_a_removal():
         edited = harmful - s * ((harmful - harmless.mean(0)) * unit).sum(-1, keepdim=True) * unit
         lefts.append(refusal_gap(edited, harmful, harmless))
     assert lefts == pytest.approx([1.0, 0.75, 0.5, 0.25, 0.0], abs=1e-6)  # UNIT_EPS in the norms
+
+
+def test_selection_and_search_read_no_generated_text(tiny_model_factory, tmp_path, monkeypatch):
+    """Candidates, scores, the choice and the edit search run on activations only: generation is never called."""
+    import cosmic_bake.verify.evaluate as evaluate
+
+    def no_generation(*_a, **_k):
+        raise AssertionError("selection generated text")
+
+    monkeypatch.setattr(evaluate, "generate", no_generation)
+    monkeypatch.setattr("transformers.GenerationMixin.generate", no_generation)
+    folder = tiny_model_factory("llama")
+    api.select(str(folder), tmp_path / "sel", limit=8, limit_val=4, search_trials=3, search_kl=10.0)
+    # the guard works: the alpha sweep reads completions, and so trips it
+    with pytest.raises(AssertionError, match="generated text"):
+        api.select(str(folder), tmp_path / "sweep", limit=8, limit_val=4, mode="affine", alphas=(1.0,))
