@@ -33,6 +33,8 @@ ADDED["bake"] |= {"gguf_adapter", "base_model"}
 ADDED["select"] |= {"all_scores"}
 # --sample-seed, and --limit / --limit-val take "all" too (issue 16: large prompt files sampled by default)
 ADDED["select"] |= {"sample_seed"}
+# the edit search and selecting under a run's hook (issues 17, 18)
+ADDED["select"] |= {"search_trials", "search_kl", "search_candidates", "under", "under_one_layer"}
 ADDED["compare"] |= {"sample_seed"}
 # --device, --device-map, --max-memory, --offload-folder, and --dtype auto as the default (issue 15: GPUs and
 # models beyond one device; auto is float32 on the CPU, so a CPU run is unchanged)
