@@ -34,9 +34,9 @@ def test_select_under_a_hook_equals_select_on_the_baked_model(arch, full, tiny_m
     sa, sb = (json.loads((p / "selection.json").read_text()) for p in (on_baked, under))
     assert sa["chosen"] == sb["chosen"]
     for ra, rb in zip(sa["candidates"], sb["candidates"]):
-        assert ra["reason"].split()[0] == rb["reason"].split()[0]
-        if ra["reason"] == "zero direction":  # float noise of a zero difference, scored on either side
+        if "zero direction" in (ra["reason"], rb["reason"]):  # float noise of a zero difference: no score to compare
             continue
+        assert ra["reason"].split()[0] == rb["reason"].split()[0]
         for key in ("s_comply", "s_refuse", "kl"):
             assert ra[key] == pytest.approx(rb[key], abs=tol), (ra, rb)
     assert sb["under"]["hook"] == "remove" and "under" in b.extra and "under" not in sa
