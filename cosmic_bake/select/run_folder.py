@@ -89,6 +89,27 @@ def under_hook(s: SelectSettings, arch) -> tuple:
     return (d.hook(),)
 
 
+def _sweep(lm, arch, fmt, sets, s: SelectSettings, sel, direction: Direction):
+    """Sweep ``s.alphas`` with the baked hook on the validation prompts; the chosen alpha goes into ``direction``."""
+    from cosmic_bake.select.sweep import sweep
+
+    swept = sweep(
+        lm.model,
+        arch,
+        fmt,
+        direction,
+        mode=s.mode,
+        alphas=list(s.alphas),
+        harmful=sets["harmful val"],
+        harmless=sets["harmless val"],
+        batch_size=sel.batch_size if input_device(lm.model).type != "cpu" else min(sel.batch_size, 16),
+        max_harmless_refusal=s.max_harmless_refusal,
+    )
+    if swept.chosen is not None:
+        direction.alpha = swept.chosen
+    return swept
+
+
 def _search(lm, arch, fmt, sets, s: SelectSettings, sel, direction: Direction):
     """Search the weighted removal (:mod:`cosmic_bake.select.search`) and put the chosen edit into ``direction``."""
     from cosmic_bake.model.architecture import sliding_window
@@ -129,8 +150,11 @@ def run_select(
     if dtype in (torch.bfloat16, torch.float16):
         note(f"scoring in {str(dtype).removeprefix('torch.')}: {LOW_PRECISION_NOTE}")
     under = under_hook(s, arch)
-    with intervene(arch, *under):
+    with intervene(arch, *under):  # selection, sweep and search all see the model as RUN_DIR leaves it
         sel = select_sets(lm.model, arch, fmt, sets, s, mode=s.mode, selector=s.selector)
+        direction = chosen_direction(sel, lm, fmt)
+        swept = _sweep(lm, arch, fmt, sets, s, sel, direction) if s.alphas else None
+        searched = _search(lm, arch, fmt, sets, s, sel, direction) if s.search_trials else None
     t = time.perf_counter()
     src = source_record(lm.source, s.record_paths)
     name = portable_name(lm.source.spec)
@@ -138,34 +162,11 @@ def run_select(
     record["settings"] = portable(s.record(), s.record_paths)
     record["prompt_sampling"] = getattr(sets, "sampling", None)  # how each set was cut from its file
     pos, layer = sel.chosen
-    direction = chosen_direction(sel, lm, fmt)
     if under:
         record["under"] = {"run": portable_name(str(s.under)), "one_layer": s.under_one_layer, "hook": under[0].kind}
         direction.extra["under"] = f"{portable_name(str(s.under))} ({under[0].kind})"
-    swept = None
-    if s.alphas:
-        from cosmic_bake.select.sweep import sweep
-
-        with intervene(arch, *under):
-            swept = sweep(
-                lm.model,
-                arch,
-                fmt,
-                direction,
-                mode=s.mode,
-                alphas=list(s.alphas),
-                harmful=sets["harmful val"],
-                harmless=sets["harmless val"],
-                batch_size=sel.batch_size if input_device(lm.model).type != "cpu" else min(sel.batch_size, 16),
-                max_harmless_refusal=s.max_harmless_refusal,
-            )
-        if swept.chosen is not None:
-            direction.alpha = swept.chosen
+    if swept is not None:
         record["alpha_sweep"] = swept.to_dict()
-    searched = None
-    if s.search_trials:
-        with intervene(arch, *under):
-            searched = _search(lm, arch, fmt, sets, s, sel, direction)
     if searched is not None:
         record["edit_search"] = searched.to_dict()
     with atomic_dir(s.output, force=s.force, inputs=inputs) as tmp:

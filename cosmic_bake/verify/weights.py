@@ -103,7 +103,6 @@ from cosmic_bake.verify.weights_report import (
     check_size,
     class_notes,
     class_rows,
-    projection_coeff,
     tensor_result,
 )
 
@@ -218,7 +217,7 @@ def check_folder(
         target = prescription(
             r_hat,
             vectors[e.vector] if projected else None,
-            projection_coeff(d, e.block),
+            d.coeff(e.block),
             constant if e.constant else None,
             placement.scale if (e.constant and placement is not None) else 1.0,
         )

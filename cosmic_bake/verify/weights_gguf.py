@@ -32,7 +32,6 @@ from cosmic_bake.verify.weights_report import (
     class_notes,
     class_rows,
     gguf_settings,
-    projection_coeff,
     tensor_result,
 )
 
@@ -254,7 +253,7 @@ def check_gguf_files(
         tgt = prescription(
             r_hat,
             vectors[e.vector] if projected else None,
-            projection_coeff(d, getattr(e, "block", None)),
+            d.coeff(getattr(e, "block", None)),
             constant if carrier else None,
             divisor if carrier and layout == "cols" else 1.0,
         )

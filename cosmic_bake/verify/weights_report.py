@@ -206,11 +206,6 @@ def baked_embeddings(baked: Path, embeddings: str | None) -> str:
     return embeddings or str(_manifest_bake(baked).get("embeddings") or "untie")
 
 
-def projection_coeff(d: Direction, block: int | None = None) -> float:
-    """The coefficient baked into a writer of ``block`` (``None``: the embedding); see ``Direction.coeff``."""
-    return d.coeff(block)
-
-
 def check_size(d: Direction, d_model: int) -> None:
     if d.direction.numel() != d_model:
         raise CosmicBakeError(
